@@ -1,0 +1,1 @@
+"""Perceptual sync losses: LPIPS (alex/vgg/squeeze) and Gram-matrix style loss on VGG features."""

@@ -1,0 +1,1 @@
+"""Built-in mergers: uniform average (MultiDiffusion) and Gaussian weights (Mixture of Diffusers)."""

@@ -1,0 +1,162 @@
+"""The ``stable-diffusion`` denoiser: SD 1.x/2.x through diffusers, classifier-free guidance inside."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from syncengine.denoiser import Conditioning, Denoiser, Step
+from syncengine.errors import ConfigError
+from syncengine.schedulers import make_scheduler
+from syncengine.views import View
+
+from .loading import TINY_MODEL, check_tokenizer, load_pipeline, torch_device, torch_dtype
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StableDiffusionConfig:
+    pretrained: str = "stabilityai/stable-diffusion-2-base"  # hub id, local diffusers folder, or .safetensors/.ckpt
+    dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
+    device: str = "auto"
+    revision: Optional[str] = None
+    variant: Optional[str] = None  # e.g. fp16
+    single_file_config: Optional[str] = None  # diffusers folder/hub id whose configs fit a single-file checkpoint
+    prediction_type: Optional[str] = None  # override the scheduler's (epsilon | v_prediction)
+    gradient_checkpointing: bool = False  # recompute UNet activations in the sync backward: less memory, more time
+    sync_vae: Optional[str] = None  # a cheaper decoder for the sync loss only (AutoencoderTiny folder/hub id)
+
+
+class StableDiffusionDenoiser(Denoiser):
+    """Stable Diffusion UNet + CLIP text encoder + VAE, from any source diffusers can load."""
+
+    Config = StableDiffusionConfig
+    pipeline_class_name = "StableDiffusionPipeline"
+
+    def __init__(self, config: StableDiffusionConfig | None = None):
+        super().__init__(config)
+        c = self.config
+        if c.prediction_type not in (None, "epsilon", "v_prediction"):
+            raise ConfigError("denoiser.prediction_type", f"{c.prediction_type!r} is not epsilon or v_prediction")
+        self.device = torch_device(c.device)
+        self.dtype = torch_dtype(c.dtype, self.device)
+        self.is_tiny = c.pretrained == TINY_MODEL
+        if self.is_tiny:
+            log.warning(TINY_MODEL + ": " + __import__("syncengine_sd.tiny", fromlist=["x"]).TINY_NOTICE)
+        self.pipe = self._load_pipeline()
+        check_tokenizer(self.pipe.tokenizer, c.pretrained)
+        self.pipe.to(self.device)
+        for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        if c.gradient_checkpointing:
+            self.pipe.unet.enable_gradient_checkpointing()
+        self.unet = self.pipe.unet
+        self.vae = self.pipe.vae
+        self.scheduler_config = dict(self.pipe.scheduler.config)
+        if c.prediction_type:
+            self.scheduler_config["prediction_type"] = c.prediction_type
+        self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
+        self.latent_channels = self.unet.config.in_channels
+        self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.sync_decoder = self._load_sync_decoder()
+
+    # ----------------------------------------------------------------------------------------------------- loading
+
+    def _pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class_name)
+
+    def _load_pipeline(self):
+        c = self.config
+        kwargs: dict[str, Any] = {}
+        if c.revision:
+            kwargs["revision"] = c.revision
+        if c.variant:
+            kwargs["variant"] = c.variant
+        if c.single_file_config:
+            kwargs["single_file_config"] = c.single_file_config
+        return load_pipeline(self._pipeline_class(), c.pretrained, self.dtype, **kwargs)
+
+    def _load_sync_decoder(self):
+        if not self.config.sync_vae:
+            return None
+        from diffusers import AutoencoderTiny
+
+        from .loading import _not_found
+
+        ref = self.config.sync_vae
+        try:
+            vae = AutoencoderTiny.from_pretrained(ref, torch_dtype=self.dtype)
+        except (OSError, ValueError) as exc:
+            raise _not_found(ref, "tiny autoencoder (denoiser.sync_vae)", exc) from exc
+        vae.requires_grad_(False).eval().to(self.device)
+        return vae
+
+    @property
+    def default_window(self) -> int:
+        return int(self.unet.config.sample_size) * self.latent_factor
+
+    def describe(self) -> dict[str, Any]:
+        out = {"pretrained": self.config.pretrained, "prediction_type": self.prediction_type,
+               "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device)}
+        if self.is_tiny:
+            out["warning"] = "random weights (built-in tiny model)"
+        return out
+
+    # --------------------------------------------------------------------------------------------------- inference
+
+    def make_scheduler(self, name: str, **options: Any):
+        return make_scheduler(name, self.scheduler_config, **options)
+
+    def encode_prompt(self, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        positive, negative = self.pipe.encode_prompt(
+            prompt, self.device, 1, True, negative_prompt=negative_prompt or None
+        )
+        return negative, positive
+
+    def unet_forward(
+        self, latents: torch.Tensor, step: Step, hidden: torch.Tensor, views: Sequence[View], cond_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """One UNet call; subclasses (ControlNet) add residuals here. ``cond_mask`` flags rows that are
+        conditional (True) or unconditional (False) in the CFG batch."""
+        return self.unet(latents, step.timestep, encoder_hidden_states=hidden).sample
+
+    def predict(
+        self, latents: torch.Tensor, step: Step, conds: Sequence[Conditioning], views: Sequence[View]
+    ) -> torch.Tensor:
+        x = latents.to(self.dtype)
+        scales = torch.tensor([c.guidance_scale for c in conds], device=x.device, dtype=torch.float32)
+        positive = torch.cat([c.embedding[1] for c in conds])
+        if bool((scales <= 1).all()):  # no guidance: conditional branch only (as diffusers does)
+            mask = torch.ones(len(conds), dtype=torch.bool, device=x.device)
+            return self.unet_forward(x, step, positive, views, mask).float()
+        negative = torch.cat([c.embedding[0] for c in conds])
+        n = x.shape[0]
+        mask = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)]).to(x.device)
+        out = self.unet_forward(torch.cat([x, x]), step, torch.cat([negative, positive]), list(views) * 2, mask)
+        uncond, cond = out.float().chunk(2)
+        g = scales.view(-1, 1, 1, 1)
+        return uncond + g * (cond - uncond)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor).sample.float()
+
+    def decode_for_sync(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.sync_decoder is None:
+            return self.decode(latents)
+        return self.sync_decoder.decode(latents.to(self.dtype) / self.sync_decoder.config.scaling_factor).sample.float()
+
+    def decode_final(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+        if tiled:
+            self.vae.enable_tiling()
+        try:
+            with torch.no_grad():
+                return self.decode(latents)
+        finally:
+            if tiled:
+                self.vae.disable_tiling()

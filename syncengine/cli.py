@@ -1,0 +1,78 @@
+"""``syncengine`` command line: generate, config, plugins. Bad input: one line on stderr, exit status 2."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import SyncEngineError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="syncengine", description="Coherent montages by synchronized joint diffusion.")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate the requests of a spec (PNG + JSON sidecar each)")
+    g.add_argument("spec", help="a YAML spec, or a preset name from configs/ (e.g. demo)")
+    g.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sync.weight=10 canvas.width=2048")
+    g.add_argument("--prompts", help="JSON-lines file of requests (replaces the spec's requests)")
+    c = sub.add_parser("config", help="print the resolved spec (validated, plugin defaults filled in)")
+    c.add_argument("spec")
+    c.add_argument("overrides", nargs="*")
+    c.add_argument("--prompts")
+    sub.add_parser("plugins", help="list registered plugins by kind, with the package that provides each")
+    return p
+
+
+def _plugins() -> int:
+    from .registry import list_plugins
+
+    rows = list_plugins()
+    kind = None
+    for row in rows:
+        if row.kind != kind:
+            kind = row.kind
+            print(f"{kind}:")
+        print(f"  {row.name:<20} {row.target:<50} ({row.distribution})")
+    return 0
+
+
+def _notice_tiny(resolved) -> None:
+    if str(resolved.config.denoiser.get("pretrained", "")) == "syncengine:tiny-random":
+        print("NOTE: denoiser is the built-in tiny model with RANDOM weights: images are noise-like "
+              "(offline smoke run). Use stabilityai/stable-diffusion-2-base for real images.", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "plugins":
+            return _plugins()
+        from .api import resolve_run
+
+        resolved = resolve_run(args.spec, args.overrides, args.prompts)
+        if args.command == "config":
+            from omegaconf import OmegaConf
+
+            print(OmegaConf.to_yaml(resolved.config), end="")
+            return 0
+        _notice_tiny(resolved)
+        from .lightning_module import run
+
+        summary = run(resolved)
+    except SyncEngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: images already written are kept", file=sys.stderr)
+        return 130
+    for path in summary.written:
+        print(f"wrote {path} (+ {path.with_suffix('.json').name})")
+    for name, error in summary.failed:
+        print(f"failed {name}: {error}", file=sys.stderr)
+    print(f"{len(summary.written)} written, {len(summary.failed)} failed", file=sys.stderr)
+    return 2 if summary.failed else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

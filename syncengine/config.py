@@ -1,0 +1,301 @@
+"""Specs: OmegaConf configs composed from files and overrides, validated before any model loads.
+
+A spec names each part by registry name plus its options (see ``configs/``). Composition: a spec may say
+``extends: base.yaml`` (a path relative to it, or a preset name from ``configs/``); command-line ``key=value``
+overrides apply last. Validation checks the top-level schema, then every plugin section against that plugin's own
+``Config`` dataclass (importing the plugin's module, never loading weights), then the cross-field rules (sizes,
+window vs canvas). Every failure is a :class:`~syncengine.errors.ConfigError` naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from . import registry
+from .errors import ConfigError, SyncEngineError
+from .views import CanvasSpec
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class CanvasConfig:
+    height: int = 512
+    width: int = 2048
+
+
+@dataclass
+class SyncConfig:
+    loss: Dict[str, Any] = field(default_factory=lambda: {"name": "lpips", "net": "vgg"})
+    weight: float = 20.0  # w of Eq. 14; 0 is exactly MultiDiffusion
+    decay: float = 0.95  # w_i = weight * decay**i at step i
+    every: int = 1  # sync on steps i with (i + 1) % every == 0
+    until: Optional[int] = None  # sync only while i < until (None: every step)
+    anchor: Any = "center"  # "center" (paper), "first", "last" or a view index
+    batch_size: Optional[int] = None  # views per sync forward/backward; None: sampler.view_batch_size
+    resolution: Optional[int] = None  # resize decoded x0 (shorter side, px) before the loss; None: full size (paper)
+
+
+@dataclass
+class SamplerConfig:
+    scheduler: str = "ddim"  # short name (ddim, ddpm, euler, euler_a, dpm++, pndm, unipc, lms, heun) or diffusers class
+    steps: int = 50
+    guidance_scale: float = 7.5
+    view_batch_size: int = 1  # views per UNet call
+    scheduler_options: Dict[str, Any] = field(default_factory=dict)  # passed to the scheduler's from_config
+
+
+@dataclass
+class RequestConfig:
+    prompt: str = MISSING
+    negative_prompt: str = ""
+    seed: int = 0
+    name: Optional[str] = None  # output file stem; default "<index>-<prompt slug>-s<seed>"
+    inputs: Dict[str, Any] = field(default_factory=dict)  # per-request inputs for plugins (masks, condition images)
+    overrides: Dict[str, Any] = field(default_factory=dict)  # dotted spec keys applied to this request only
+
+
+@dataclass
+class RuntimeConfig:
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    precision: Optional[str] = None
+    strategy: str = "auto"
+    shard: str = "windows"  # "windows": every rank works on one request; "requests": data parallel
+    output_dir: str = "outputs"
+    overwrite: bool = False  # replace existing outputs of the same name (default: add a numeric suffix)
+    progress: bool = True
+    tiled_decode: bool = False  # decode the final canvas in tiles (diffusers enable_tiling): bounded memory
+
+
+@dataclass
+class Spec:
+    canvas: CanvasConfig = field(default_factory=CanvasConfig)
+    tiler: Dict[str, Any] = field(default_factory=lambda: {"name": "sliding"})
+    merger: Dict[str, Any] = field(default_factory=lambda: {"name": "average"})
+    denoiser: Dict[str, Any] = field(
+        default_factory=lambda: {"name": "stable-diffusion", "pretrained": "stabilityai/stable-diffusion-2-base"}
+    )
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    requests: List[RequestConfig] = field(default_factory=list)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+PLUGIN_SECTIONS: dict[str, str] = {"tiler": "tiler", "merger": "merger", "denoiser": "denoiser", "sync.loss": "sync_loss"}
+
+
+@dataclass
+class ResolvedSpec:
+    """A validated spec: the full config (plugin defaults filled in) and the typed option objects of each plugin."""
+
+    config: DictConfig
+    plugin_configs: dict[str, Any]  # section -> validated Config instance
+    plugin_classes: dict[str, type]
+
+    @property
+    def canvas(self) -> CanvasSpec:
+        den = self.plugin_classes["denoiser"]
+        return CanvasSpec(
+            int(self.config.canvas.height), int(self.config.canvas.width), den.latent_factor, den.latent_channels
+        )
+
+    def to_container(self) -> dict:
+        return OmegaConf.to_container(self.config, resolve=True)  # type: ignore[return-value]
+
+    def build(self, section: str):
+        """Instantiate the plugin of a section from its validated options."""
+        return self.plugin_classes[section](self.plugin_configs[section])
+
+
+# ---------------------------------------------------------------------------------------------------------- loading
+
+
+def find_spec_file(name: str | Path, relative_to: Path | None = None) -> Path:
+    """A spec path as given, relative to the extending file, or a preset name from ``configs/``."""
+    candidates = [Path(name)]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / name)
+    stem = str(name)
+    candidates += [PRESETS_DIR / stem, PRESETS_DIR / f"{stem}.yaml"]
+    for path in candidates:
+        if path.is_file():
+            return path.resolve()
+    presets = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))) if PRESETS_DIR.is_dir() else "none"
+    raise SyncEngineError(f"spec file {str(name)!r} not found; give a path to a YAML file or a preset ({presets})")
+
+
+def load_file(path: Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Load one spec file, following ``extends`` (a string or a list, merged in order, then this file)."""
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise SyncEngineError(f"spec files extend each other in a cycle: {chain}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors come in many types
+        raise SyncEngineError(f"cannot parse spec {path}: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(cfg, DictConfig):
+        raise SyncEngineError(f"spec {path} must be a mapping of sections, got a {type(cfg).__name__}")
+    parents = cfg.pop("extends", None)
+    if parents is None:
+        return cfg
+    if isinstance(parents, str):
+        parents = [parents]
+    merged = OmegaConf.create()
+    for parent in parents:
+        merged = OmegaConf.merge(merged, load_file(find_spec_file(parent, path.parent), (*_seen, path)))
+    return OmegaConf.merge(merged, cfg)  # type: ignore[return-value]
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise SyncEngineError(f"override {item!r} is not key=value (e.g. sync.weight=10)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise SyncEngineError(f"bad override: {str(exc).splitlines()[0]}") from exc
+
+
+def compose(spec: str | Path | dict | DictConfig | None = None, overrides: list[str] = ()) -> DictConfig:
+    """A raw (unvalidated) spec: file or mapping, with ``extends`` followed and overrides applied."""
+    if spec is None:
+        raw = OmegaConf.create()
+    elif isinstance(spec, (str, Path)):
+        raw = load_file(find_spec_file(spec))
+    else:
+        raw = OmegaConf.create(spec)
+        if "extends" in raw:
+            base = OmegaConf.create()
+            parents = raw.pop("extends")
+            for parent in [parents] if isinstance(parents, str) else parents:
+                base = OmegaConf.merge(base, load_file(find_spec_file(parent)))
+            raw = OmegaConf.merge(base, raw)
+    return OmegaConf.merge(raw, parse_overrides(list(overrides)))  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------------------- validation
+
+
+def _omegaconf_error(prefix: str, exc: OmegaConfBaseException) -> ConfigError:
+    key = getattr(exc, "full_key", None) or ""
+    msg = str(exc).splitlines()[0]
+    return ConfigError(f"{prefix}.{key}".strip(".") if key else prefix, msg)
+
+
+def _typed(schema: type, values: Any, where: str) -> DictConfig:
+    try:
+        base = OmegaConf.structured(schema)
+        return OmegaConf.merge(base, values)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+        msg = str(exc).splitlines()[0]
+        if "not in" in msg and key is not None:
+            valid = ", ".join(f.name for f in dataclasses.fields(schema))
+            msg = f"unknown key {str(key).split('.')[-1]!r}; valid keys: {valid}"
+        full = f"{where}.{key}" if key else where
+        raise ConfigError(full, msg) from None
+
+
+def _plugin_section(cfg: DictConfig, section: str, kind: str) -> tuple[DictConfig, Any, type]:
+    node = OmegaConf.select(cfg, section)
+    if node is None or not isinstance(node, DictConfig) or "name" not in node:
+        raise ConfigError(f"{section}.name", f"missing: name a {kind} plugin (see `syncengine plugins`)")
+    name = node.name
+    try:
+        cls = registry.get(kind, str(name))
+    except SyncEngineError as exc:
+        raise ConfigError(f"{section}.name", str(exc)) from None
+    options = OmegaConf.create({k: v for k, v in node.items() if k != "name"})
+    typed = _typed(cls.Config, options, section)
+    instance = OmegaConf.to_object(typed)
+    full = OmegaConf.merge({"name": name}, typed)
+    return full, instance, cls  # type: ignore[return-value]
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(key, message)
+
+
+ANCHORS = ("center", "first", "last")
+
+
+def validate(raw: DictConfig | dict) -> ResolvedSpec:
+    """Validate a composed spec; returns the resolved spec or raises a one-line :class:`ConfigError`."""
+    top = _typed(Spec, raw, "spec")
+    plugin_configs: dict[str, Any] = {}
+    plugin_classes: dict[str, type] = {}
+    for section, kind in PLUGIN_SECTIONS.items():
+        full, instance, cls = _plugin_section(top, section, kind)
+        OmegaConf.update(top, section, OmegaConf.to_container(full), merge=False)
+        plugin_configs[section] = instance
+        plugin_classes[section] = cls
+
+    c = top.canvas
+    factor = plugin_classes["denoiser"].latent_factor
+    for key in ("height", "width"):
+        value = c[key]
+        _check(value > 0, f"canvas.{key}", f"must be positive, got {value}")
+        _check(value % factor == 0, f"canvas.{key}", f"{value} is not divisible by {factor}; use a multiple of {factor}")
+
+    s = top.sampler
+    _check(s.steps >= 1, "sampler.steps", f"must be >= 1, got {s.steps}")
+    _check(s.view_batch_size >= 1, "sampler.view_batch_size", f"must be >= 1, got {s.view_batch_size}")
+    from .schedulers import check_scheduler_name
+
+    check_scheduler_name(s.scheduler)
+
+    y = top.sync
+    _check(y.weight >= 0, "sync.weight", f"must be >= 0, got {y.weight}")
+    _check(0 < y.decay <= 1, "sync.decay", f"must be in (0, 1], got {y.decay}")
+    _check(y.every >= 1, "sync.every", f"must be >= 1, got {y.every}")
+    _check(y.until is None or y.until >= 0, "sync.until", f"must be >= 0, got {y.until}")
+    _check(y.resolution is None or y.resolution >= 16, "sync.resolution", f"must be >= 16 px, got {y.resolution}")
+    _check(y.batch_size is None or y.batch_size >= 1, "sync.batch_size", f"must be >= 1, got {y.batch_size}")
+    anchor = y.anchor
+    _check(
+        (isinstance(anchor, int) and not isinstance(anchor, bool)) or anchor in ANCHORS,
+        "sync.anchor",
+        f"{anchor!r} is not one of {', '.join(ANCHORS)} or a view index",
+    )
+
+    r = top.runtime
+    _check(r.shard in ("windows", "requests"), "runtime.shard", f"{r.shard!r} is not 'windows' or 'requests'")
+    _check(r.num_nodes >= 1, "runtime.num_nodes", f"must be >= 1, got {r.num_nodes}")
+
+    names: set[str] = set()
+    for i, req in enumerate(top.requests):
+        _check(isinstance(req.prompt, str) and req.prompt != "", f"requests.{i}.prompt", "missing or empty prompt")
+        if req.name is not None:
+            _check(req.name not in names, f"requests.{i}.name", f"duplicate request name {req.name!r}")
+            _check("/" not in req.name and req.name not in ("", ".", ".."), f"requests.{i}.name", "not a file name")
+            names.add(req.name)
+
+    resolved = ResolvedSpec(top, plugin_configs, plugin_classes)
+    tiler = resolved.build("tiler")
+    tiler.validate(resolved.canvas)
+    resolved.build("merger")  # mergers check their options on construction; cheap
+    return resolved
+
+
+def resolve(spec: str | Path | dict | DictConfig | None = None, overrides: list[str] = ()) -> ResolvedSpec:
+    """Compose and validate in one call: ``resolve("configs/demo.yaml", ["sync.weight=0"])``."""
+    return validate(compose(spec, overrides))
+
+
+def request_spec(resolved: ResolvedSpec, index: int) -> ResolvedSpec:
+    """The spec of one request: its ``overrides`` applied on top of the run's spec (validated again)."""
+    req = resolved.config.requests[index]
+    if not req.overrides:
+        return resolved
+    merged = OmegaConf.create(OmegaConf.to_container(resolved.config))
+    for key, value in req.overrides.items():
+        OmegaConf.update(merged, str(key), value, merge=True)
+    return validate(merged)

@@ -1,0 +1,95 @@
+"""Denoiser: a pretrained diffusion model behind one small face.
+
+The sampler never touches UNets, text encoders or VAEs directly: it asks a denoiser to encode prompts, to predict the
+model output for a batch of views (classifier-free guidance inside), and to decode latents to images. Anything a
+particular model needs per view (a ControlNet condition crop, a camera) comes from ``View.context``.
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .plugin import Plugin
+from .views import View
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where the sampler is: ``index`` in ``[0, total)``, and the scheduler's timestep."""
+
+    index: int
+    total: int
+    timestep: torch.Tensor
+
+    @property
+    def fraction(self) -> float:
+        """Progress in [0, 1): used for options given as fractions of the steps (control start/end, bootstrapping)."""
+        return self.index / max(self.total, 1)
+
+
+@dataclass
+class Conditioning:
+    """One view's text conditioning: opaque embeddings from :meth:`Denoiser.encode_prompt` plus its guidance scale."""
+
+    embedding: Any
+    guidance_scale: float
+
+
+class Denoiser(Plugin):
+    """A pretrained latent (or pixel) diffusion model.
+
+    Contract for implementers:
+    - ``latent_factor``/``latent_channels``: pixels per latent and latent channels (SD: 8 and 4).
+    - ``prediction_type``: what the network outputs, ``"epsilon"``, ``"v_prediction"`` or ``"sample"``; the sampler
+      converts with :mod:`syncengine.parameterization`.
+    - ``make_scheduler(name)`` returns a fresh diffusers scheduler configured for this model.
+    - ``predict(latents, step, conds, views)`` runs the network on a batch of views ``[B, C, h, w]`` and returns its
+      output with classifier-free guidance applied. It must be differentiable w.r.t. ``latents`` when grad is
+      enabled (the sync step needs it) and must not depend on batch composition (results cannot change with the
+      view batch size).
+    - ``decode(latents)`` returns images in ``[-1, 1]`` (not clamped), differentiably.
+    """
+
+    latent_factor: int = 8
+    latent_channels: int = 4
+    prediction_type: str = "epsilon"
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def default_window(self) -> int:
+        """The model's native image size in pixels (a tiler's default window)."""
+        return 512
+
+    @abstractmethod
+    def make_scheduler(self, name: str, **options: Any): ...
+
+    @abstractmethod
+    def encode_prompt(self, prompt: str, negative_prompt: str = "") -> Any: ...
+
+    @abstractmethod
+    def predict(
+        self, latents: torch.Tensor, step: Step, conds: Sequence[Conditioning], views: Sequence[View]
+    ) -> torch.Tensor: ...
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def decode_for_sync(self, latents: torch.Tensor) -> torch.Tensor:
+        """The decoder the sync loss differentiates through; a model may offer a cheaper one (TAESD)."""
+        return self.decode(latents)
+
+    def decode_final(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+        """Decode the finished canvas (no gradient); ``tiled`` bounds memory for very wide canvases."""
+        with torch.no_grad():
+            return self.decode(latents)
+
+    def prepare_request(self, request: Any, canvas: Any) -> None:
+        """Hook called once per request before sampling (e.g. to load and crop a condition image)."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the JSON sidecar records about the model (names, revisions), beyond the spec."""
+        return {}

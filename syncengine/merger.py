@@ -1,0 +1,70 @@
+"""Merger: combines what the views computed into one canvas tensor.
+
+Every merger computes ``sum_i scatter_i(w_i * x_i) / sum_i scatter_i(w_i)``: a weighted sum over views divided by the
+summed weights. A merger only decides the weights ``w_i`` (in window space) and *what* is merged (``target``): the
+noisy latents and noise predictions (``xt``, MultiDiffusion/SyncDiffusion) or the Tweedie estimate x0 (``x0``,
+SyncTweedies). Keeping the sum and the weight sum as separate buffers is what lets a sharded run all-reduce both and
+divide once.
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .plugin import Plugin
+from .views import View
+
+MergeTarget = Literal["xt", "x0"]
+
+
+@dataclass
+class MergerConfig:
+    target: str = "xt"  # "xt": merge noisy latents and noise predictions; "x0": merge the Tweedie estimate
+
+
+class Merger(Plugin):
+    """Decides each view's weight in window space; the arithmetic lives in :class:`MergeBuffer`."""
+
+    Config = MergerConfig
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self._cache: dict[int, torch.Tensor] = {}
+
+    @property
+    def target(self) -> MergeTarget:
+        return self.config.target  # type: ignore[return-value]
+
+    @abstractmethod
+    def window_weight(self, view: View) -> torch.Tensor:
+        """``[1, 1, h, w]`` non-negative weight of the view's positions (without ``view.weight``)."""
+
+    def weight(self, view: View, device=None, dtype=torch.float32) -> torch.Tensor:
+        """The view's full weight: the merger's window weight times the view's own weight (mask, density)."""
+        key = view.index
+        if key not in self._cache:
+            w = self.window_weight(view).to(torch.float32)
+            if view.weight is not None:
+                w = w * view.weight.to(torch.float32)
+            self._cache[key] = w
+        return self._cache[key].to(device=device, dtype=dtype)
+
+
+class MergeBuffer:
+    """Canvas-sized weighted sum and weight sum for one merged quantity."""
+
+    def __init__(self, shape: tuple[int, ...], device=None, dtype=torch.float32):
+        self.sum = torch.zeros(shape, device=device, dtype=dtype)
+        self.weight = torch.zeros((shape[0], 1, *shape[2:]), device=device, dtype=dtype)
+
+    def add(self, view: View, window: torch.Tensor, weight: torch.Tensor) -> None:
+        view.scatter_add(window.to(self.sum.dtype) * weight, self.sum)
+        view.scatter_add(weight.expand(window.shape[0], 1, *weight.shape[-2:]), self.weight)
+
+    def result(self, fallback: torch.Tensor) -> torch.Tensor:
+        """The weighted average; positions no view covered keep ``fallback``."""
+        covered = self.weight > 0
+        return torch.where(covered, self.sum / self.weight.clamp_min(1e-12), fallback.to(self.sum.dtype))

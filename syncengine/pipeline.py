@@ -1,0 +1,143 @@
+"""A pipeline: the plugins of one resolved spec, assembled, running requests from seed to decoded image.
+
+This is what to compute, free of where (Lightning decides devices and processes, see ``lightning_module``) and of side
+effects (writing files, see ``outputs``).
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .collective import Collective
+from .config import ResolvedSpec, request_spec
+from .denoiser import Denoiser
+from .sampler import JointSampler, Request, SamplerOptions
+from .sync import SyncSchedule
+
+
+@dataclass
+class Generated:
+    """One finished request: the image, its latents, and everything the sidecar records."""
+
+    request: Request
+    index: int
+    image: torch.Tensor  # [3, H, W] in [0, 1]
+    latents: torch.Tensor
+    spec: dict
+    stats: dict[str, Any]
+    timings: dict[str, float]
+    model: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Failed:
+    """A request that could not run; the run goes on with the others."""
+
+    request: Request
+    index: int
+    error: str
+
+
+def slug(text: str, limit: int = 40) -> str:
+    s = re.sub(r"[^a-zA-Z0-9]+", "-", text.lower()).strip("-")
+    return s[:limit].rstrip("-") or "image"
+
+
+def requests_of(resolved: ResolvedSpec) -> list[Request]:
+    out = []
+    for i, r in enumerate(resolved.config.requests):
+        name = r.name or f"{i:03d}-{slug(r.prompt)}-s{r.seed}"
+        out.append(Request(r.prompt, r.negative_prompt, int(r.seed), name, dict(r.inputs)))
+    return out
+
+
+def decode_canvas(denoiser: Denoiser, latents: torch.Tensor, periodic: bool, tiled: bool) -> torch.Tensor:
+    """Latents -> image in [0, 1]. Periodic canvases are decoded with wrapped padding so the seam is continuous."""
+    pad = 0
+    if periodic:
+        pad = min(8, latents.shape[-1])
+        latents = torch.cat([latents[..., -pad:], latents, latents[..., :pad]], dim=-1)
+    image = denoiser.decode_final(latents, tiled=tiled)
+    if pad:
+        f = denoiser.latent_factor
+        image = image[..., pad * f : -pad * f]
+    return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+class Pipeline:
+    """Builds the plugins of a spec once and runs its requests."""
+
+    def __init__(self, resolved: ResolvedSpec, device: torch.device | str | None = None, collective: Collective | None = None):
+        self.resolved = resolved
+        self.device = device
+        self.collective = collective or Collective()
+        self._denoiser: Denoiser | None = None
+        self._denoiser_section: Any = None
+        self._losses: dict[str, Any] = {}
+
+    def denoiser_for(self, spec: ResolvedSpec) -> Denoiser:
+        section = spec.to_container()["denoiser"]
+        if self._denoiser is None or section != self._denoiser_section:
+            config = spec.plugin_configs["denoiser"]
+            if self.device is not None and getattr(config, "device", None) == "auto":
+                config.device = str(self.device)
+            self._denoiser = spec.build("denoiser")
+            self._denoiser_section = section
+        return self._denoiser
+
+    def loss_for(self, spec: ResolvedSpec, device):
+        if spec.config.sync.weight == 0:
+            return None
+        key = repr(spec.to_container()["sync"]["loss"])
+        if key not in self._losses:
+            self._losses[key] = spec.build("sync.loss").to(device)
+        return self._losses[key]
+
+    def requests(self) -> list[Request]:
+        return requests_of(self.resolved)
+
+    def run(self, index: int, progress: Callable[[int, int], None] | None = None) -> Generated:
+        request = self.requests()[index]
+        spec = request_spec(self.resolved, index)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        denoiser = self.denoiser_for(spec)
+        loss = self.loss_for(spec, denoiser.device)
+        timings["load"] = time.perf_counter() - t0
+        canvas = spec.canvas
+        tiler = spec.build("tiler")
+        merger = spec.build("merger")
+        cfg = spec.config
+        denoiser.prepare_request(request, canvas)
+        views = tiler.views(canvas)
+        sampler = JointSampler(
+            denoiser,
+            views,
+            merger,
+            loss,
+            SyncSchedule(cfg.sync.weight, cfg.sync.decay, cfg.sync.every, cfg.sync.until),
+            SamplerOptions(
+                scheduler=cfg.sampler.scheduler,
+                steps=cfg.sampler.steps,
+                guidance_scale=cfg.sampler.guidance_scale,
+                view_batch_size=cfg.sampler.view_batch_size,
+                sync_batch_size=cfg.sync.batch_size,
+                anchor=cfg.sync.anchor,
+                sync_resolution=cfg.sync.resolution,
+                scheduler_options=dict(cfg.sampler.scheduler_options),
+            ),
+            self.collective,
+        )
+        t1 = time.perf_counter()
+        result = sampler.sample(request, canvas, progress)
+        timings["sample"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        image = decode_canvas(denoiser, result.latents, tiler.periodic_width, bool(cfg.runtime.tiled_decode))
+        timings["decode"] = time.perf_counter() - t2
+        timings["total"] = time.perf_counter() - t0
+        return Generated(request, index, image[0].cpu(), result.latents.cpu(), spec.to_container(), result.stats,
+                         timings, denoiser.describe())

@@ -1,0 +1,250 @@
+"""The joint-diffusion loop: Algorithm 1 of SyncDiffusion on top of MultiDiffusion, stepping once on the canvas.
+
+Per step ``t``:
+1. every view reads its window from the canvas;
+2. on sync steps, each non-anchor view moves down the gradient of the perceptual loss between its decoded x0
+   prediction and the anchor's (the anchor's side computed once, without gradient);
+3. the denoiser predicts the noise at the updated windows (classifier-free guidance inside);
+4. the merger averages the updated windows and the predictions on the canvas, and the scheduler steps once there.
+For DDIM-like schedulers the step is linear in (x_t, eps), so step 4 equals stepping each view and averaging (the
+paper's order); stepping on the canvas lets every diffusers scheduler work and draws stochastic noise once.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .collective import Collective
+from .denoiser import Conditioning, Denoiser, Step
+from .errors import ConfigError
+from .merger import MergeBuffer, Merger
+from .parameterization import alpha_bar
+from .sync import SyncSchedule, decoded_x0, sync_gradient
+from .sync_loss import SyncLoss
+from .views import CanvasSpec, View
+
+
+@dataclass
+class Request:
+    """One image to make: prompts, seed and per-request plugin inputs."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    name: str = "image"
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SamplerOptions:
+    scheduler: str = "ddim"
+    steps: int = 50
+    guidance_scale: float = 7.5
+    view_batch_size: int = 1
+    sync_batch_size: int | None = None
+    anchor: int | str = "center"
+    sync_resolution: int | None = None
+    scheduler_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SampleResult:
+    latents: torch.Tensor  # final canvas [1, C, H, W]
+    stats: dict[str, Any]
+
+
+def _batches(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def resolve_anchor(anchor: int | str, members: Sequence[View]) -> View:
+    """The anchor among a sync group's views: ``center`` (paper: N // 2), ``first``, ``last`` or a view index."""
+    if anchor == "center":
+        return members[len(members) // 2]
+    if anchor == "first":
+        return members[0]
+    if anchor == "last":
+        return members[-1]
+    for view in members:
+        if view.index == int(anchor):
+            return view
+    raise ConfigError("sync.anchor", f"view index {anchor} does not exist; views are 0..{len(members) - 1}")
+
+
+class JointSampler:
+    """Runs one request from noise to a final latent canvas."""
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        views: Sequence[View],
+        merger: Merger,
+        sync_loss: SyncLoss | None,
+        schedule: SyncSchedule,
+        options: SamplerOptions,
+        collective: Collective | None = None,
+    ):
+        if merger.target != "xt":
+            raise ConfigError("merger.target", f"{merger.target!r} is not supported by this sampler; use 'xt'")
+        self.denoiser = denoiser
+        self.views = list(views)
+        self.merger = merger
+        self.sync_loss = sync_loss
+        self.schedule = schedule
+        self.options = options
+        self.collective = collective or Collective()
+        self.groups = self._sync_groups()
+
+    def _sync_groups(self) -> dict[Any, tuple[View, list[View]]]:
+        groups: dict[Any, list[View]] = {}
+        for view in self.views:
+            key = view.context.get("sync_group", "default")
+            if key is not None:
+                groups.setdefault(key, []).append(view)
+        return {key: (resolve_anchor(self.options.anchor, members), members) for key, members in groups.items()}
+
+    # ------------------------------------------------------------------------------------------------ conditioning
+
+    def _conditionings(self, request: Request) -> dict[int, Conditioning]:
+        """Each view's conditioning; identical prompts are encoded once."""
+        cache: dict[tuple[str, str], Any] = {}
+        out = {}
+        for view in self.views:
+            prompt = view.context.get("prompt", request.prompt)
+            negative = view.context.get("negative_prompt", request.negative_prompt)
+            key = (prompt, negative)
+            if key not in cache:
+                with torch.no_grad():
+                    cache[key] = self.denoiser.encode_prompt(prompt, negative)
+            scale = float(view.context.get("guidance_scale", self.options.guidance_scale))
+            out[view.index] = Conditioning(cache[key], scale)
+        return out
+
+    # ---------------------------------------------------------------------------------------------------- sampling
+
+    def initial_noise(self, canvas: CanvasSpec, seed: int) -> torch.Tensor:
+        """Drawn once for the whole canvas from a CPU generator: identical across devices, batch sizes, shards."""
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        return torch.randn(canvas.latent_shape(), generator=generator, dtype=torch.float32)
+
+    def sample(
+        self,
+        request: Request,
+        canvas: CanvasSpec,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> SampleResult:
+        den = self.denoiser
+        device = den.device
+        opts = self.options
+        scheduler = den.make_scheduler(opts.scheduler, **opts.scheduler_options)
+        scheduler.set_timesteps(opts.steps, device=device)
+        step_kwargs = {}
+        if "generator" in inspect.signature(scheduler.step).parameters:
+            step_kwargs["generator"] = torch.Generator("cpu").manual_seed(int(request.seed) + 1)
+        alphas = scheduler.alphas_cumprod.to(torch.float32)
+
+        conds = self._conditionings(request)
+        owned = self.collective.owned(self.views)
+        latents = (self.initial_noise(canvas, request.seed) * scheduler.init_noise_sigma).to(device)
+        stats = {"unet_views": 0, "sync_views": 0, "decodes": 0, "sync_steps": 0, "views": len(self.views),
+                 "owned_views": len(owned), "seconds_sync": 0.0, "seconds_denoise": 0.0}
+        timesteps = scheduler.timesteps
+        for i, t in enumerate(timesteps):
+            step = Step(i, len(timesteps), t)
+            weight = self.schedule.weight_at(i) if self.sync_loss is not None else 0.0
+            # Views see alpha-space latents: identity for DDIM-like schedulers, 1/sqrt(sigma^2+1) for Euler-like.
+            scale = float(scheduler.scale_model_input(torch.ones(1, device=device), t).reshape(-1)[0])
+            model_canvas = latents * scale
+            a = alpha_bar(alphas, t)
+            targets = self._anchor_targets(model_canvas, step, conds, a, stats) if weight > 0 else {}
+
+            eps_buf = MergeBuffer(latents.shape, device=device)
+            x_buf = MergeBuffer(latents.shape, device=device) if weight > 0 else None
+            t0 = time.perf_counter()
+            for batch in _batches(owned, opts.view_batch_size):
+                x = torch.cat([v.extract(model_canvas) for v in batch])
+                if weight > 0:
+                    ts = time.perf_counter()
+                    x = self._sync_update(x, batch, step, conds, targets, weight, a, stats)
+                    stats["seconds_sync"] += time.perf_counter() - ts
+                with torch.no_grad():
+                    out = den.predict(x, step, [conds[v.index] for v in batch], batch).float()
+                stats["unet_views"] += len(batch)
+                for k, view in enumerate(batch):
+                    w = self.merger.weight(view, device=device)
+                    eps_buf.add(view, out[k : k + 1], w)
+                    if x_buf is not None:
+                        x_buf.add(view, x[k : k + 1] / scale, w)
+            stats["seconds_denoise"] += time.perf_counter() - t0
+            buffers = [eps_buf.sum, eps_buf.weight] + ([x_buf.sum, x_buf.weight] if x_buf is not None else [])
+            self.collective.all_reduce_(buffers)
+            model_out = eps_buf.result(torch.zeros_like(latents))
+            current = x_buf.result(latents) if x_buf is not None else latents
+            if weight > 0:
+                stats["sync_steps"] += 1
+            latents = scheduler.step(model_out, t, current, **step_kwargs).prev_sample
+            if progress is not None:
+                progress(i + 1, len(timesteps))
+        stats.update(self.collective.stats)
+        return SampleResult(latents, stats)
+
+    # -------------------------------------------------------------------------------------------------------- sync
+
+    def _anchor_targets(self, model_canvas, step, conds, a, stats) -> dict[Any, Any]:
+        """Per sync group, the loss target of the anchor's decoded x0 (computed once, without gradient)."""
+        targets = {}
+        for key, (anchor, members) in self.groups.items():
+            position = next(p for p, v in enumerate(self.views) if v is anchor)
+            owner = self.collective.owner_of(position, len(self.views))
+            image = torch.zeros(self._anchor_image_shape(anchor), device=model_canvas.device)
+            if owner == self.collective.rank:
+                with torch.no_grad():
+                    x = anchor.extract(model_canvas)
+                    image = decoded_x0(self.denoiser, x, step, [conds[anchor.index]], [anchor], a, self.options.sync_resolution).float()
+                stats["decodes"] += 1
+                stats["unet_views"] += 1
+            image = self.collective.broadcast_(image, owner)
+            with torch.no_grad():
+                targets[key] = self.sync_loss.prepare_target(image)
+        return targets
+
+    def _anchor_image_shape(self, anchor: View) -> tuple[int, int, int, int]:
+        f = self.denoiser.latent_factor
+        h, w = (s * f for s in anchor.latent_size)
+        r = self.options.sync_resolution
+        if r is not None and min(h, w) != r:
+            h, w = round(h * r / min(h, w)), round(w * r / min(h, w))
+        return (1, 3, h, w)
+
+    def _sync_update(self, x, batch, step, conds, targets, weight, a, stats) -> torch.Tensor:
+        """x_hat = x - w * grad L(D(x0(x)), D(x0(x_anchor))) for the batch's non-anchor, synced views (Eq. 14)."""
+        picks = []
+        for k, view in enumerate(batch):
+            key = view.context.get("sync_group", "default")
+            if key is None or key not in targets or self.groups[key][0] is view:
+                continue
+            picks.append(k)
+        if not picks:
+            return x
+        x = x.clone()
+        size = self.options.sync_batch_size or len(picks)
+        for chunk in _batches(picks, size):
+            views = [batch[k] for k in chunk]
+            view_conds = [conds[v.index] for v in views]
+
+            def render(lat, views=views, view_conds=view_conds):
+                return decoded_x0(self.denoiser, lat, step, view_conds, views, a, self.options.sync_resolution)
+
+            idx = torch.tensor(chunk, device=x.device)
+            group_targets = [targets[v.context.get("sync_group", "default")] for v in views]
+            grad, _ = sync_gradient(self.sync_loss, render, x.index_select(0, idx), group_targets)
+            x = x.index_copy(0, idx, x.index_select(0, idx) - weight * grad.to(x.dtype))
+            stats["sync_views"] += len(chunk)
+            stats["unet_views"] += len(chunk)
+            stats["decodes"] += len(chunk)
+        return x

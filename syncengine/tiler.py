@@ -1,0 +1,32 @@
+"""Tiler: cuts a canvas into the views a pretrained model can denoise."""
+from __future__ import annotations
+
+from abc import abstractmethod
+
+from .plugin import Plugin
+from .views import CanvasSpec, View
+
+
+class Tiler(Plugin):
+    """From a canvas, the list of views that cover it.
+
+    Contract for implementers:
+    - ``validate(canvas)`` raises :class:`~syncengine.errors.ConfigError` for options that cannot work with this
+      canvas (window larger than canvas, ...). It runs before any model loads.
+    - ``views(canvas)`` returns views whose union covers every canvas position the output needs (a position no view
+      covers keeps its initial noise). The order is stable: view indices are used for the anchor and for sharding.
+    - Views in the same ``context["sync_group"]`` (default ``"default"``) are synchronized against one anchor;
+      ``context["sync_group"] = None`` excludes a view from synchronization.
+    """
+
+    @property
+    def periodic_width(self) -> bool:
+        """True when the canvas wraps horizontally (loop panoramas, 360° equirectangular): decoding pads across the
+        seam so the left and right edges match."""
+        return False
+
+    @abstractmethod
+    def validate(self, canvas: CanvasSpec) -> None: ...
+
+    @abstractmethod
+    def views(self, canvas: CanvasSpec) -> list[View]: ...

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random-weight models built by the tests and saved locally, loaded through the engine's own
+loaders (never a fake). Nothing here downloads anything."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A tiny random SD pipeline folder (epsilon prediction), saved with save_pretrained."""
+    from syncengine_sd.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v(tmp_path_factory) -> Path:
+    """The same tiny pipeline configured for v-prediction."""
+    from syncengine_sd.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd-v", seed=0, prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def torch_home(tmp_path_factory) -> Path:
+    """A TORCH_HOME whose hub cache holds random-weight vgg16/alexnet state dicts under torchvision's file names,
+    so LPIPS and the style loss go through torchvision's real loading path."""
+    import torchvision.models as tvm
+
+    home = tmp_path_factory.mktemp("torch_home")
+    ckpt = home / "hub" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    torch.manual_seed(0)
+    for builder, weights in ((tvm.vgg16, tvm.VGG16_Weights.IMAGENET1K_V1), (tvm.alexnet, tvm.AlexNet_Weights.IMAGENET1K_V1)):
+        torch.save(builder(weights=None).state_dict(), ckpt / Path(weights.url).name)
+    return home
+
+
+@pytest.fixture
+def with_torch_home(torch_home, monkeypatch) -> Path:
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    return torch_home
+
+
+@pytest.fixture
+def tiny_spec(tiny_sd, tmp_path):
+    """A small, fast spec dict on the tiny model (tests override what they need)."""
+
+    def make(**sections):
+        spec = {
+            "canvas": {"height": 64, "width": 160},
+            "tiler": {"name": "sliding", "window": 64, "stride": 32},
+            "merger": {"name": "average"},
+            "denoiser": {"name": "stable-diffusion", "pretrained": str(tiny_sd)},
+            "sync": {"loss": {"name": "lpips", "net": "alex", "backbone": "random"}, "weight": 0.0},
+            "sampler": {"scheduler": "ddim", "steps": 3, "guidance_scale": 7.5, "view_batch_size": 2},
+            "requests": [{"prompt": "a photo of a mountain", "seed": 0, "name": "img"}],
+            "runtime": {"accelerator": "cpu", "devices": 1, "output_dir": str(tmp_path / "out"), "progress": False},
+        }
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(spec.get(key), dict):
+                spec[key] = {**spec[key], **value}
+            else:
+                spec[key] = value
+        return spec
+
+    return make
