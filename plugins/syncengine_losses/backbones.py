@@ -61,6 +61,7 @@ def vgg_features(net: str, random: bool) -> torch.nn.Module:
     import torchvision.models as tvm
 
     builder = tvm.vgg19 if net == "vgg19" else tvm.vgg16
-    with backbone_errors(net):
+    with backbone_errors(net), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # a random backbone is the same one every run (reproducible smoke runs)
         model = builder(weights=None if random else _weights_enum(net))
     return model.features

@@ -53,6 +53,15 @@ def _not_found(ref: str, what: str, cause: BaseException | None = None) -> Model
 
 def load_pipeline(pipeline_cls, ref: str, dtype: torch.dtype, **kwargs: Any):
     """``pipeline_cls.from_pretrained`` / ``from_single_file`` with clear errors for missing models."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # diffusers >= 0.36 renamed torch_dtype to dtype; older releases only know torch_dtype.
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        return _load_pipeline(pipeline_cls, ref, dtype, **kwargs)
+
+
+def _load_pipeline(pipeline_cls, ref: str, dtype: torch.dtype, **kwargs: Any):
     if ref == TINY_MODEL:
         from .tiny import tiny_model_path
 
