@@ -197,9 +197,11 @@ def _typed(schema: type, values: Any, where: str) -> DictConfig:
         key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
         msg = str(exc).splitlines()[0]
         if "not in" in msg and key is not None:
-            valid = ", ".join(f.name for f in dataclasses.fields(schema))
+            owner = getattr(exc, "object_type", None)
+            owner = owner if dataclasses.is_dataclass(owner) else schema
+            valid = ", ".join(f.name for f in dataclasses.fields(owner))
             msg = f"unknown key {str(key).split('.')[-1]!r}; valid keys: {valid}"
-        full = f"{where}.{key}" if key else where
+        full = ".".join(part for part in (where, str(key) if key else "") if part) or "spec"
         raise ConfigError(full, msg) from None
 
 
@@ -229,7 +231,7 @@ ANCHORS = ("center", "first", "last")
 
 def validate(raw: DictConfig | dict) -> ResolvedSpec:
     """Validate a composed spec; returns the resolved spec or raises a one-line :class:`ConfigError`."""
-    top = _typed(Spec, raw, "spec")
+    top = _typed(Spec, raw, "")
     plugin_configs: dict[str, Any] = {}
     plugin_classes: dict[str, type] = {}
     for section, kind in PLUGIN_SECTIONS.items():

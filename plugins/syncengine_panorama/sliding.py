@@ -46,8 +46,11 @@ class SlidingTiler(Tiler):
     def validate(self, canvas: CanvasSpec) -> None:
         f = canvas.latent_factor
         win_h, win_w, st_h, st_w = self._sizes(canvas)
-        keys = {"window_height": win_h, "window": win_w, "stride_height": st_h, "stride": st_w}
+        c = self.config
+        keys = {"window": c.window, "stride": c.stride, "window_height": c.window_height, "stride_height": c.stride_height}
         for key, value in keys.items():
+            if value is None:
+                continue
             if value <= 0:
                 raise ConfigError(f"tiler.{key}", f"must be positive, got {value}")
             if value % f:

@@ -1,0 +1,113 @@
+"""Spec composition and validation: one-line errors naming the key, before any model loads."""
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from syncengine.config import compose, resolve, validate
+from syncengine.errors import ConfigError, SyncEngineError
+
+BASE = {
+    "canvas": {"height": 512, "width": 1024},
+    "denoiser": {"name": "stable-diffusion", "pretrained": "/nonexistent/model"},  # never loaded by validation
+    "requests": [{"prompt": "a photo"}],
+}
+
+
+def _err(spec, overrides=()):
+    with pytest.raises(ConfigError) as info:
+        resolve(spec, list(overrides))
+    msg = str(info.value)
+    assert "\n" not in msg
+    return info.value
+
+
+def test_defaults_are_the_paper_settings():
+    r = resolve(BASE)
+    c = r.config
+    assert (c.sync.weight, c.sync.decay, c.sync.anchor, c.sync.loss.name, c.sync.loss.net) == (20.0, 0.95, "center", "lpips", "vgg")
+    assert (c.tiler.name, c.tiler.window, c.tiler.stride) == ("sliding", 512, 128)
+    assert (c.sampler.scheduler, c.sampler.steps, c.sampler.guidance_scale) == ("ddim", 50, 7.5)
+    assert r.plugin_configs["tiler"].window == 512  # typed plugin options
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["tiler.windw=256"], "tiler.windw"),
+        (["sync.wieght=1"], "sync.wieght"),
+        (["canvas.width=1004"], "canvas.width"),
+        (["canvas.height=abc"], "canvas.height"),
+        (["tiler.window=2048"], "tiler.window"),
+        (["tiler.stride=0"], "tiler.stride"),
+        (["tiler.stride=-8"], "tiler.stride"),
+        (["tiler.stride=1024"], "tiler.stride"),
+        (["tiler.name=slidng"], "tiler.name"),
+        (["sync.loss.name=lpipz"], "sync.loss.name"),
+        (["sync.loss.nett=vgg"], "sync.loss.nett"),
+        (["sync.decay=1.5"], "sync.decay"),
+        (["sync.anchor=middle"], "sync.anchor"),
+        (["sampler.scheduler=ddimm"], "sampler.scheduler"),
+        (["sampler.steps=0"], "sampler.steps"),
+        (["runtime.shard=pixels"], "runtime.shard"),
+        (["merger.name=gaussian", "merger.sigma=0"], "merger.sigma"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, key):
+    err = _err(BASE, overrides)
+    assert err.key == key, str(err)
+
+
+def test_wrong_type_message():
+    err = _err(BASE, ["sampler.steps=many"])
+    assert "sampler.steps" in str(err)
+
+
+def test_duplicate_request_names_and_empty_prompt():
+    assert _err({**BASE, "requests": [{"prompt": "a", "name": "x"}, {"prompt": "b", "name": "x"}]}).key == "requests.1.name"
+    assert _err({**BASE, "requests": [{"prompt": ""}]}).key == "requests.0.prompt"
+
+
+def test_extends_and_overrides_compose(tmp_path):
+    (tmp_path / "base.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(BASE)))
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nsync: {weight: 10}\ntiler: {loop: true}\n")
+    r = resolve(tmp_path / "child.yaml", ["sync.decay=0.9"])
+    assert (r.config.sync.weight, r.config.sync.decay, r.config.tiler.loop) == (10.0, 0.9, True)
+    assert r.config.canvas.width == 1024  # from the base
+
+
+def test_extends_cycle_and_missing_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(SyncEngineError, match="cycle"):
+        compose(tmp_path / "a.yaml")
+    with pytest.raises(SyncEngineError, match="not found"):
+        compose(tmp_path / "missing.yaml")
+
+
+def test_bad_override_syntax():
+    with pytest.raises(SyncEngineError, match="key=value"):
+        resolve(BASE, ["sync.weight"])
+
+
+def test_presets_validate():
+    for name in ("sd2-panorama", "sd2-loop", "demo"):
+        r = resolve(name)
+        assert r.config.requests
+    assert resolve("sd2-loop").config.tiler.loop is True
+
+
+def test_per_request_overrides():
+    from syncengine.config import request_spec
+
+    r = resolve({**BASE, "requests": [{"prompt": "a"}, {"prompt": "b", "overrides": {"sync.weight": 5}}]})
+    assert request_spec(r, 0).config.sync.weight == 20.0
+    assert request_spec(r, 1).config.sync.weight == 5.0
+    bad = resolve({**BASE, "requests": [{"prompt": "b", "overrides": {"sync.weight": -1}}]})
+    with pytest.raises(ConfigError, match="sync.weight"):
+        request_spec(bad, 0)
+
+
+def test_validation_does_not_load_models():
+    # the denoiser path does not exist: validation still passes because it never loads weights
+    assert validate(compose(BASE)).config.denoiser.pretrained == "/nonexistent/model"
