@@ -102,3 +102,14 @@ def test_prompts_file(spec_file, tmp_path):
     assert (out / "p1.png").is_file() and len(list(out.glob("*.png"))) == 2
     prompts.write_text("{not json}\n")
     assert main(["generate", str(path), "--prompts", str(prompts)]) == 2
+
+
+def test_offline_demo_runs_and_is_labelled_random(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SYNCENGINE_CACHE", str(tmp_path / "cache"))
+    code = main(["generate", "demo", "sampler.steps=1", "canvas.width=384", f"runtime.output_dir={tmp_path / 'demo'}"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "RANDOM weights" in captured.err
+    assert (tmp_path / "cache" / "tiny-random-sd-v1" / "model_index.json").is_file()  # built, saved, then loaded
+    meta = json.load(open(tmp_path / "demo" / "demo.json"))
+    assert meta["model"]["warning"].startswith("random weights")
