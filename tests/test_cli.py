@@ -113,3 +113,27 @@ def test_offline_demo_runs_and_is_labelled_random(tmp_path, monkeypatch, capsys)
     assert (tmp_path / "cache" / "tiny-random-sd-v1" / "model_index.json").is_file()  # built, saved, then loaded
     meta = json.load(open(tmp_path / "demo" / "demo.json"))
     assert meta["model"]["warning"].startswith("random weights")
+
+
+def test_interrupted_run_keeps_finished_images(tiny_spec, tmp_path, monkeypatch):
+    from syncengine.pipeline import Pipeline
+
+    spec = tiny_spec(requests=[{"prompt": "a", "name": "first"}, {"prompt": "b", "name": "second"}],
+                     sampler={"steps": 1})
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    original = Pipeline.run
+
+    def run(self, index, progress=None):
+        if index == 1:
+            raise KeyboardInterrupt
+        return original(self, index, progress)
+
+    monkeypatch.setattr(Pipeline, "run", run)
+    with pytest.raises(SystemExit) as info:
+        code = main(["generate", str(path)])
+        raise SystemExit(code)
+    assert info.value.code != 0
+    assert (tmp_path / "out" / "first.png").is_file() and (tmp_path / "out" / "first.json").is_file()
+    assert not (tmp_path / "out" / "second.png").exists()
+    assert not list((tmp_path / "out").glob(".*tmp*"))  # no half-written files
