@@ -20,6 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*")
     c.add_argument("--prompts")
     sub.add_parser("plugins", help="list registered plugins by kind, with the package that provides each")
+    from .evaluation.cli import add_parsers as _evaluation_parsers
+
+    _evaluation_parsers(sub)  # evaluate, sweep
     return p
 
 
@@ -54,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "plugins":
             return _plugins()
+        if args.command in ("evaluate", "sweep"):
+            from .evaluation import cli as evaluation_cli
+
+            return getattr(evaluation_cli, f"{args.command}_command")(args)
         from .api import resolve_run
 
         resolved = resolve_run(args.spec, args.overrides, args.prompts)
