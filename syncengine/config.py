@@ -229,9 +229,21 @@ def _check(cond: bool, key: str, message: str) -> None:
 ANCHORS = ("center", "first", "last")
 
 
+def _drop_default_plugin_options(top: DictConfig, raw: DictConfig | dict) -> None:
+    """A section that names another plugin than the schema's default keeps only the keys the spec gives: the default
+    plugin's options (``sync.loss.net``, ``denoiser.pretrained``) belong to it, not to the plugin the spec names."""
+    raw = raw if isinstance(raw, DictConfig) else OmegaConf.create(raw)
+    defaults = OmegaConf.structured(Spec)
+    for section in PLUGIN_SECTIONS:
+        given = OmegaConf.select(raw, section)
+        if isinstance(given, DictConfig) and "name" in given and given.name != OmegaConf.select(defaults, section).name:
+            OmegaConf.update(top, section, OmegaConf.to_container(given), merge=False)
+
+
 def validate(raw: DictConfig | dict) -> ResolvedSpec:
     """Validate a composed spec; returns the resolved spec or raises a one-line :class:`ConfigError`."""
     top = _typed(Spec, raw, "")
+    _drop_default_plugin_options(top, raw)
     plugin_configs: dict[str, Any] = {}
     plugin_classes: dict[str, type] = {}
     for section, kind in PLUGIN_SECTIONS.items():

@@ -1,0 +1,1 @@
+"""Example syncengine plugins: ``color-stats`` (sync loss) and ``even`` (tiler)."""
