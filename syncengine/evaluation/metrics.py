@@ -40,7 +40,8 @@ def pairwise_distances(crops: torch.Tensor, distance) -> torch.Tensor:
     ``distance`` follows the :class:`~syncengine.sync_loss.SyncLoss` contract (images in ``[-1, 1]``): crop ``i``
     is the target, crops ``i+1..n-1`` are compared against it in one batch.
     """
-    x = crops.float() * 2 - 1
+    device = next(iter(distance.parameters()), torch.empty(0)).device
+    x = crops.float().to(device) * 2 - 1
     out = []
     for i in range(len(x) - 1):
         target = distance.prepare_target(x[i : i + 1])
