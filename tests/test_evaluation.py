@@ -203,6 +203,8 @@ def test_clip_missing_model_is_a_clear_error(tmp_path):
 
     with pytest.raises(ModelNotFoundError, match="--clip-model"):
         ClipScorer(str(tmp_path / "no-such-clip"))
+    with pytest.raises(ModelNotFoundError, match="local Hugging Face cache"):
+        ClipScorer("syncengine-tests/no-such-clip", local_files_only=True)  # no download attempt
 
 
 def test_fid_inception_missing_weights_is_a_clear_error(tmp_path, monkeypatch):
@@ -276,3 +278,22 @@ def test_cli_named_metric_with_missing_input_exits_2(tmp_path, capsys):
     assert main(["evaluate", str(a), "--metrics", "sharpness"]) == 2
     assert "unknown metrics" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "nothing")]) == 2
+
+
+def test_torchvision_inception_loads_from_the_torch_cache(tmp_path, monkeypatch):
+    """Random weights saved under torchvision's file name go through the real loading path (no download)."""
+    import torchvision.models as tvm
+    from pathlib import Path
+
+    from syncengine.evaluation.features import TorchvisionInception, extract
+
+    ckpt = tmp_path / "hub" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    state = tvm.inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict()
+    torch.save(state, ckpt / Path(tvm.Inception_V3_Weights.IMAGENET1K_V1.url).name)
+    net = TorchvisionInception()
+    assert torch.equal(net.net.Conv2d_1a_3x3.conv.weight, state["Conv2d_1a_3x3.conv.weight"])
+    feats = extract(net, torch.rand(2, 3, 64, 64))
+    assert feats.shape == (2, 2048) and feats.dtype == torch.float64

@@ -27,7 +27,9 @@ def _not_found(ref: str, cause: BaseException | None = None) -> ModelNotFoundErr
 class ClipScorer:
     """A CLIP model, its tokenizer and its image preprocessing (shorter side resize, centre crop, normalise)."""
 
-    def __init__(self, ref: str = DEFAULT_CLIP, device: str | torch.device = "cpu"):
+    def __init__(self, ref: str = DEFAULT_CLIP, device: str | torch.device = "cpu", local_files_only: bool = False):
+        """``local_files_only``: look in the local Hugging Face cache only (no download attempt, which offline
+        retries for about a minute before failing)."""
         from transformers import CLIPModel, CLIPTokenizer
 
         self.ref = ref
@@ -35,10 +37,14 @@ class ClipScorer:
         is_path = path.exists() or ref.startswith(("/", "./", "../", "~"))
         if is_path and not (path / "config.json").is_file():
             raise _not_found(ref, FileNotFoundError(f"no config.json in {path}"))
+        source = str(path) if is_path else ref
+        local = {"local_files_only": True} if local_files_only and not is_path else {}
         try:
-            self.model = CLIPModel.from_pretrained(str(path) if is_path else ref).eval().requires_grad_(False)
-            self.tokenizer = CLIPTokenizer.from_pretrained(str(path) if is_path else ref)
+            self.model = CLIPModel.from_pretrained(source, **local).eval().requires_grad_(False)
+            self.tokenizer = CLIPTokenizer.from_pretrained(source, **local)
         except (OSError, ValueError) as exc:
+            if local:
+                exc = OSError("not in the local Hugging Face cache; name clip in --metrics to allow a download")
             raise _not_found(ref, exc) from exc
         if len(self.tokenizer) < 10:  # transformers 5 returns a 2-token tokenizer for an uncached hub id
             raise _not_found(ref, ValueError("its tokenizer files are missing"))
@@ -49,7 +55,7 @@ class ClipScorer:
         try:
             from transformers import CLIPImageProcessor
 
-            proc = CLIPImageProcessor.from_pretrained(str(path) if is_path else ref)
+            proc = CLIPImageProcessor.from_pretrained(source, **local)
             mean, std = tuple(proc.image_mean), tuple(proc.image_std)
         except (OSError, ValueError, ImportError):
             pass  # no preprocessor_config.json: CLIP's own statistics

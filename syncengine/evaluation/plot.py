@@ -28,6 +28,7 @@ def plot_runs(results, path: str | Path) -> Path:
         ax.bar(xs, [v if v is not None else 0 for v in values], color=colors)
         for x, v in zip(xs, values):
             ax.text(x, v or 0, "n/a" if v is None else f"{v:.3g}", ha="center", va="bottom", fontsize=7)
+        ax.margins(y=0.15)
         ax.set_xticks(list(xs), labels, rotation=30, ha="right", fontsize=7)
         ax.set_title(f"{METRICS[key]} ({'lower' if LOWER_IS_BETTER[key] else 'higher'} is better)", fontsize=9)
     if not keys:

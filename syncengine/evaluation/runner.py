@@ -91,7 +91,9 @@ class _Models:
     def clip(self):
         from .clip import ClipScorer
 
-        return self.get("clip", lambda: ClipScorer(self.options.clip_model, self.options.device))
+        # Metrics not named by the user only look in the local cache: no minute of offline download retries.
+        local = self.options.metrics is None
+        return self.get("clip", lambda: ClipScorer(self.options.clip_model, self.options.device, local))
 
     def features(self):
         from .features import load_inception
