@@ -297,3 +297,17 @@ def test_torchvision_inception_loads_from_the_torch_cache(tmp_path, monkeypatch)
     assert torch.equal(net.net.Conv2d_1a_3x3.conv.weight, state["Conv2d_1a_3x3.conv.weight"])
     feats = extract(net, torch.rand(2, 3, 64, 64))
     assert feats.shape == (2, 2048) and feats.dtype == torch.float64
+
+
+def test_default_backbones_load_from_the_torch_cache(tmp_path, with_torch_home):
+    """Without --backbone random, LPIPS and the style loss load ImageNet weights from $TORCH_HOME (here: random
+    weights under torchvision's file names), through the same path as a real machine."""
+    from syncengine.evaluation import EvalOptions, evaluate
+
+    a, b, _ = _two_runs(tmp_path)
+    options = EvalOptions(metrics=["intra_lpips", "intra_style"])
+    assert options.lpips["backbone"] == "pretrained" and options.style["backbone"] == "pretrained"
+    ra, rb = evaluate([a, b], options)
+    assert ra.metrics["intra_lpips"] < 1e-6 < rb.metrics["intra_lpips"]
+    assert ra.metrics["intra_style"] < 1e-4 * rb.metrics["intra_style"]
+    assert not ra.unavailable
