@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,8 +19,6 @@ import torch
 from ..errors import SyncEngineError
 from .crops import grid_crops, random_crops
 from .runs import Sample, flatten, image_files, load_image, read_run, window_of
-
-log = logging.getLogger(__name__)
 
 METRICS: dict[str, str] = {  # key -> the paper's name
     "intra_lpips": "Intra-LPIPS",
@@ -75,8 +72,14 @@ class _Models:
 
     def get(self, key: str, build: Callable[[], Any]):
         if key not in self._cache:
-            self._cache[key] = build()
-        return self._cache[key]
+            try:
+                self._cache[key] = build()
+            except SyncEngineError as exc:
+                self._cache[key] = exc  # the next run gets the same answer without trying again
+        found = self._cache[key]
+        if isinstance(found, SyncEngineError):
+            raise found
+        return found
 
     def lpips(self):
         from .metrics import load_distance
