@@ -311,3 +311,34 @@ def test_default_backbones_load_from_the_torch_cache(tmp_path, with_torch_home):
     assert ra.metrics["intra_lpips"] < 1e-6 < rb.metrics["intra_lpips"]
     assert ra.metrics["intra_style"] < 1e-4 * rb.metrics["intra_style"]
     assert not ra.unavailable
+
+
+def test_giqa_through_the_runner(tmp_path):
+    from syncengine.evaluation import EvalOptions, evaluate
+    from syncengine.evaluation.runs import load_image
+
+    a, _, _ = _two_runs(tmp_path)
+    np.savez(tmp_path / "gmm.npz", weights=np.ones(1), means=np.zeros((1, 8)), covariances=np.ones((1, 8)))
+    features = TinyFeatures()
+    (r,) = evaluate([a], EvalOptions(metrics=["giqa"], giqa_model=str(tmp_path / "gmm.npz")), features=features)
+    # the runner's crops: one per image, seeded by the image's index
+    crops = [random_crops(load_image(a / f"{k:03d}.png"), 32, 1, torch.Generator().manual_seed(k)) for k in range(3)]
+    with torch.no_grad():
+        feats = features(torch.cat(crops)).double()
+    expected = (-0.5 * (feats**2).sum(1) - 4 * math.log(2 * math.pi)).mean().item()
+    assert r.metrics["giqa"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_images_without_sidecars(tmp_path, capsys):
+    from syncengine.cli import main
+    from syncengine.outputs import to_pil
+
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    to_pil(tiled(torch.rand(3, 32, 32), 3)).save(folder / "x.png")
+    assert main(["evaluate", str(folder), "--out", str(tmp_path / "r"), "--backbone", "random"]) == 2
+    assert "--window" in capsys.readouterr().err
+    assert main(["evaluate", str(folder), "--window", "32", "--out", str(tmp_path / "r"), "--backbone", "random",
+                 "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert "Mean-CLIP-S: unavailable: CLIP score needs each image's prompt" in out
