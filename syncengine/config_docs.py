@@ -19,7 +19,6 @@ import sys
 import textwrap
 import tokenize
 from pathlib import Path
-from typing import Any
 
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 KIND_SECTIONS = {"tiler": "tiler", "merger": "merger", "denoiser": "denoiser", "sync_loss": "sync.loss"}

@@ -13,7 +13,7 @@ def plot_runs(results, path: str | Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise SyncEngineError(f"the plot needs matplotlib: pip install 'syncengine[eval]' (or pass --no-plot)") from exc
+        raise SyncEngineError("the plot needs matplotlib: pip install 'syncengine[eval]' (or pass --no-plot)") from exc
     from .runner import LOWER_IS_BETTER, METRICS
 
     keys = [k for k in METRICS if any(r.metrics.get(k) is not None for r in results)]
