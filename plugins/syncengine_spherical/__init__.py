@@ -1,0 +1,1 @@
+"""Spherical (360°) family: equirectangular canvas geometry, perspective and cube-map views."""
