@@ -71,3 +71,19 @@ def sample_perspective(equirect: torch.Tensor, grid: torch.Tensor) -> torch.Tens
     g[..., 0] = g[..., 0] * w / (w + 2)  # the padded image spans one extra pixel each side
     return torch.nn.functional.grid_sample(padded, g.expand(equirect.shape[0], -1, -1, -1).to(equirect.dtype),
                                            mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def scatter_perspective(view: torch.Tensor, grid: torch.Tensor, canvas_hw: tuple[int, int]) -> torch.Tensor:
+    """Exact adjoint of `sample_perspective` (unprojection): <sample(x), y> == <x, scatter(y)> for all x, y.
+
+    Scattering ones gives the per-pixel sampling density, the weight a merger divides by.
+    """
+    x = torch.zeros(view.shape[0], view.shape[1], *canvas_hw, dtype=view.dtype, requires_grad=True)
+    with torch.enable_grad():
+        (out,) = torch.autograd.grad(sample_perspective(x, grid), x, grad_outputs=view.detach())
+    return out
+
+
+CUBE_FACES = {"front": (0.0, 0.0), "right": (90.0, 0.0), "back": (180.0, 0.0), "left": (-90.0, 0.0),
+              "up": (0.0, 90.0), "down": (0.0, -90.0)}
+"""Cube face order and (yaw, pitch) in degrees; each face is a 90° FoV perspective view."""
