@@ -1,0 +1,77 @@
+"""Tilers on an equirectangular latent canvas [1, C, H, 2H]: a perspective ring (MVDiffusion) and a cube map."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from syncengine.errors import ConfigError
+from syncengine.tiler import Tiler
+from syncengine.views import CanvasSpec
+
+from . import geometry
+from .views import ProjectedView
+
+
+def _check_equirect(canvas: CanvasSpec) -> None:
+    if canvas.width != 2 * canvas.height:
+        raise ConfigError("canvas", f"an equirectangular canvas is 2:1, got {canvas.height}x{canvas.width}; "
+                                    f"set canvas.width to {2 * canvas.height}")
+
+
+def _view(index: int, size: int, fov: float, yaw: float, pitch: float) -> ProjectedView:
+    grid = geometry.equirect_to_perspective_grid(size, size, fov, yaw, pitch)
+    return ProjectedView(index, grid=grid, context={"camera": {"yaw": yaw, "pitch": pitch, "roll": 0.0, "fov": fov}})
+
+
+@dataclass
+class PerspectiveConfig:
+    window: int = 512  # view size in pixels
+    fov: float = 90.0  # horizontal field of view in degrees
+    views_per_ring: int = 8  # yaw step = 360 / views_per_ring
+    pitches: list[float] = field(default_factory=lambda: [0.0])  # one ring per pitch (degrees)
+    poles: bool = False  # add straight-up and straight-down views
+
+
+class PerspectiveTiler(Tiler):
+    Config = PerspectiveConfig
+
+    @property
+    def periodic_width(self) -> bool:
+        return True
+
+    def validate(self, canvas: CanvasSpec) -> None:
+        _check_equirect(canvas)
+        if not 0 < self.config.fov < 180:
+            raise ConfigError("tiler.fov", f"must be in (0, 180) degrees, got {self.config.fov}")
+
+    def views(self, canvas: CanvasSpec) -> list[ProjectedView]:
+        c, size = self.config, self.config.window // canvas.latent_factor
+        cams = [(k * 360.0 / c.views_per_ring, p) for p in c.pitches for k in range(c.views_per_ring)]
+        cams += [(0.0, 90.0), (0.0, -90.0)] if c.poles else []
+        return [_view(i, size, c.fov, yaw, pitch) for i, (yaw, pitch) in enumerate(cams)]
+
+
+@dataclass
+class CubemapConfig:
+    window: int = 512  # face size in pixels
+
+
+class CubemapTiler(Tiler):
+    """Six 90° faces in the order of `geometry.CUBE_FACES`; ``context["face"]`` names each."""
+
+    Config = CubemapConfig
+
+    @property
+    def periodic_width(self) -> bool:
+        return True
+
+    def validate(self, canvas: CanvasSpec) -> None:
+        _check_equirect(canvas)
+
+    def views(self, canvas: CanvasSpec) -> list[ProjectedView]:
+        size = self.config.window // canvas.latent_factor
+        out = []
+        for i, (name, (yaw, pitch)) in enumerate(geometry.CUBE_FACES.items()):
+            v = _view(i, size, 90.0, yaw, pitch)
+            v.context["face"] = name
+            out.append(v)
+        return out
