@@ -1,0 +1,1 @@
+"""ControlNet-conditioned windows: the ``controlnet`` denoiser, condition images and their preprocessors."""

@@ -1,0 +1,191 @@
+"""The ``controlnet`` denoiser: Stable Diffusion plus one or more ControlNets, each window conditioned on its crop.
+
+Per request the condition images are loaded (a ready condition, or a photo through a preprocessor plugin), fitted to
+the canvas and kept canvas-sized; every UNet call then gives each row of the batch the crop under its view
+(:func:`~syncengine_controlnet.conditions.condition_crop`). The sync step's x0 prediction goes through the same
+``predict``, so it is conditioned the same way (phi_theta(x_t, t, c_i) in the paper). The arithmetic follows
+diffusers' ``StableDiffusionControlNetPipeline``: residuals scaled by ``scale``, summed over ControlNets, applied
+only between the ``start`` and ``end`` fractions of the steps, and in guess mode computed for the conditional rows
+only, with diffusers' per-block scaling.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence
+
+import torch
+
+from syncengine.denoiser import Step
+from syncengine.errors import ConfigError, SyncEngineError
+from syncengine.views import View
+from syncengine_sd.denoiser import StableDiffusionConfig, StableDiffusionDenoiser
+
+from .conditions import RESIZE_POLICIES, condition_crop, fit_to_canvas, load_image, request_sources, to_tensor
+from .loading import check_compatible, load_controlnet
+from .preprocessors import build_preprocessor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ControlNetUnit:
+    """One ControlNet with its condition image and how strongly and when it applies."""
+
+    model: str = ""  # hub id (e.g. lllyasviel/sd-controlnet-canny), local diffusers folder, or .safetensors file
+    scale: float = 1.0  # conditioning scale of its residuals; 0 gives exactly the plain stable-diffusion result
+    start: float = 0.0  # fraction of the steps after which control starts (diffusers control_guidance_start)
+    end: float = 1.0  # fraction of the steps after which control stops (diffusers control_guidance_end)
+    image: Optional[str] = None  # default image file; a request's inputs override it
+    input: Optional[str] = None  # key of requests[].inputs holding this ControlNet's image; default: inputs.control
+    preprocessor: Any = None  # null: the image is a ready condition; else a name (canny) or {name: canny, ...options}
+    revision: Optional[str] = None  # hub revision of the ControlNet
+    variant: Optional[str] = None  # e.g. fp16
+    single_file_config: Optional[str] = None  # diffusers ControlNet folder/hub id whose config fits a single file
+
+
+@dataclass
+class ControlNetConfig(StableDiffusionConfig):
+    pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the base model (as for stable-diffusion)
+    controlnets: List[ControlNetUnit] = field(default_factory=list)  # one entry per ControlNet (see docs/controlnet.md)
+    guess_mode: bool = False  # control only the conditional rows of the CFG batch, residuals scaled 0.1..1 by depth
+    resize: str = "error"  # condition of another aspect ratio than the canvas: error, stretch, crop or pad
+    aspect_tolerance: float = 0.01  # relative aspect-ratio difference that is resized without complaint
+    save_condition: bool = True  # save each fitted condition image next to the output (<name>.control.png)
+
+    def __post_init__(self):
+        if not self.controlnets:
+            raise ConfigError("denoiser.controlnets", "empty: give at least one, e.g. [{model: "
+                              "lllyasviel/sd-controlnet-canny, preprocessor: canny}]")
+        if self.resize not in RESIZE_POLICIES:
+            raise ConfigError("denoiser.resize", f"{self.resize!r} is not one of {', '.join(RESIZE_POLICIES)}")
+        if self.aspect_tolerance < 0:
+            raise ConfigError("denoiser.aspect_tolerance", f"must be >= 0, got {self.aspect_tolerance}")
+        for i, unit in enumerate(self.controlnets):
+            key = f"denoiser.controlnets.{i}"
+            if not unit.model:
+                raise ConfigError(f"{key}.model", "missing: a hub id, local folder or .safetensors file")
+            if not 0.0 <= unit.start < unit.end <= 1.0:
+                raise ConfigError(f"{key}.start", f"need 0 <= start < end <= 1, got start={unit.start}, end={unit.end}")
+            build_preprocessor(unit.preprocessor, f"{key}.preprocessor")  # name and options, no weights
+
+
+def control_scale(unit: ControlNetUnit, step: Step) -> float:
+    """The unit's scale at this step: 0 outside [start, end] (diffusers' ``controlnet_keep``)."""
+    i, n = step.index, max(step.total, 1)
+    keep = not (i / n < unit.start or (i + 1) / n > unit.end)
+    return float(unit.scale) if keep else 0.0
+
+
+class ControlNetDenoiser(StableDiffusionDenoiser):
+    """Stable Diffusion with ControlNets; each view is conditioned on its own crop of the canvas-sized condition."""
+
+    Config = ControlNetConfig
+
+    def __init__(self, config: ControlNetConfig | None = None):
+        c = config if config is not None else ControlNetConfig()
+        # Cheap failures first: preprocessor weights before the multi-GB base model.
+        self.preprocessors = [build_preprocessor(u.preprocessor, f"denoiser.controlnets.{i}.preprocessor")
+                              for i, u in enumerate(c.controlnets)]
+        super().__init__(c)
+        for p in self.preprocessors:
+            if p is not None:
+                p.load(self.device)
+        self.controlnets = []
+        for i, unit in enumerate(c.controlnets):
+            key = f"denoiser.controlnets.{i}.model"
+            net = load_controlnet(unit.model, key, self.dtype, unit.revision, unit.variant, unit.single_file_config)
+            check_compatible(net, self.unet, unit.model, c.pretrained, key)
+            net.to(self.device).requires_grad_(False).eval()
+            if c.gradient_checkpointing:
+                net.enable_gradient_checkpointing()
+            self.controlnets.append(net)
+        self.conditions: list[torch.Tensor] | None = None  # canvas-sized [3, H, W] per ControlNet, for this request
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        out["controlnets"] = [
+            {"model": u.model, "scale": u.scale, "start": u.start, "end": u.end, "preprocessor": u.preprocessor}
+            for u in self.config.controlnets
+        ]
+        out["guess_mode"] = self.config.guess_mode
+        return out
+
+    # ------------------------------------------------------------------------------------------------- conditions
+
+    def prepare_request(self, request: Any, canvas: Any) -> None:
+        """Load, preprocess and fit each ControlNet's condition image to the canvas (once per request)."""
+        units = self.config.controlnets
+        inputs = dict(getattr(request, "inputs", None) or {})
+        sources = request_sources(inputs, len(units), [u.input for u in units])
+        conditions = []
+        for i, (unit, source, pre) in enumerate(zip(units, sources, self.preprocessors)):
+            source = source if source is not None else unit.image
+            what = f"condition image of denoiser.controlnets.{i}"
+            if source is None:
+                where = f"requests[].inputs.{unit.input}" if unit.input else "requests[].inputs.control"
+                raise SyncEngineError(f"{what} is missing: set {where} to an image file, or "
+                                      f"denoiser.controlnets.{i}.image")
+            image = load_image(source, what)
+            image = fit_to_canvas(image, canvas.height, canvas.width, self.config.resize, self.config.aspect_tolerance,
+                                  f"{what} {str(source)!r}")
+            if pre is not None:
+                image = pre(image)
+                if image.size != (canvas.width, canvas.height):
+                    raise SyncEngineError(f"preprocessor of denoiser.controlnets.{i} returned a {image.size[0]}x"
+                                          f"{image.size[1]} px image for a {canvas.width}x{canvas.height} px input")
+            conditions.append(to_tensor(image).to(self.device))
+        self.conditions = conditions
+
+    def request_images(self) -> dict[str, torch.Tensor]:
+        """The fitted condition images of the last request (saved next to the output for inspection)."""
+        if not self.config.save_condition or not self.conditions:
+            return {}
+        if len(self.conditions) == 1:
+            return {"control": self.conditions[0].cpu()}
+        return {f"control-{i}": c.cpu() for i, c in enumerate(self.conditions)}
+
+    def crops(self, unit: int, views: Sequence[View]) -> torch.Tensor:
+        """``[B, 3, h*f, w*f]``: each view's crop of ControlNet ``unit``'s condition."""
+        if self.conditions is None:
+            raise SyncEngineError("the controlnet denoiser has no condition images: call prepare_request first")
+        image = self.conditions[unit]
+        return torch.stack([condition_crop(v, image, self.latent_factor) for v in views]).to(self.dtype)
+
+    # -------------------------------------------------------------------------------------------------- inference
+
+    def unet_forward(
+        self, latents: torch.Tensor, step: Step, hidden: torch.Tensor, views: Sequence[View], cond_mask: torch.Tensor
+    ) -> torch.Tensor:
+        down: list[torch.Tensor] | None = None
+        mid: torch.Tensor | None = None
+        for k, (unit, net) in enumerate(zip(self.config.controlnets, self.controlnets)):
+            scale = control_scale(unit, step)
+            if scale == 0.0:  # exactly the model without this ControlNet (and no wasted forward)
+                continue
+            guess = bool(self.config.guess_mode or net.config.get("global_pool_conditions", False))
+            rows = torch.nonzero(cond_mask).flatten() if guess else torch.arange(latents.shape[0], device=latents.device)
+            if rows.numel() == 0:
+                continue
+            row_views = [views[int(r)] for r in rows]
+            d, m = net(
+                latents.index_select(0, rows),
+                step.timestep,
+                encoder_hidden_states=hidden.index_select(0, rows),
+                controlnet_cond=self.crops(k, row_views),
+                conditioning_scale=scale,
+                guess_mode=guess,
+                return_dict=False,
+            )
+            if rows.numel() != latents.shape[0]:  # unconditional rows get zero residuals (diffusers' guess mode)
+                d = [torch.zeros((latents.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device).index_copy(0, rows, x)
+                     for x in d]
+                m = torch.zeros((latents.shape[0], *m.shape[1:]), dtype=m.dtype, device=m.device).index_copy(0, rows, m)
+            down = list(d) if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+        if down is None:
+            return super().unet_forward(latents, step, hidden, views, cond_mask)
+        return self.unet(
+            latents, step.timestep, encoder_hidden_states=hidden,
+            down_block_additional_residuals=down, mid_block_additional_residual=mid,
+        ).sample

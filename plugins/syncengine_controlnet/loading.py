@@ -1,0 +1,82 @@
+"""Loading ``ControlNetModel`` from a hub id, a local diffusers folder or a single checkpoint file, with the same
+kind of errors as the base model's loader: what is missing, and how to get it. Nothing falls back to random weights."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from syncengine.errors import ConfigError, ModelNotFoundError
+from syncengine_sd.loading import looks_like_path
+
+EXAMPLE = "lllyasviel/sd-controlnet-canny"
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return f" ({text})"
+
+
+def load_controlnet(ref: str, key: str, dtype: torch.dtype, revision: str | None = None, variant: str | None = None,
+                    single_file_config: str | None = None):
+    """``ControlNetModel`` from ``ref``; ``key`` is the spec key that named it (for messages)."""
+    from diffusers import ControlNetModel
+
+    if not ref:
+        raise ConfigError(key, f"missing: name a ControlNet (hub id such as {EXAMPLE}, a folder or a .safetensors file)")
+    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    path = Path(ref).expanduser()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        if looks_like_path(ref) or path.exists():
+            if not path.exists():
+                raise ModelNotFoundError(
+                    f"ControlNet path {ref!r} ({key}) does not exist; give a diffusers ControlNet folder (config.json "
+                    f"and weights), a .safetensors/.pth checkpoint, or a hub id such as {EXAMPLE}"
+                )
+            if path.is_file():
+                try:
+                    return ControlNetModel.from_single_file(str(path), config=single_file_config, **kwargs)
+                except (OSError, ValueError) as exc:
+                    raise ModelNotFoundError(
+                        f"ControlNet checkpoint {ref!r} ({key}) could not be loaded{_reason(exc)}; a single file needs "
+                        f"its config: set single_file_config to a local diffusers ControlNet folder of the same "
+                        f"architecture, or convert it with save_pretrained"
+                    ) from exc
+            if not (path / "config.json").is_file():
+                raise ModelNotFoundError(
+                    f"{ref!r} ({key}) is not a diffusers ControlNet folder (no config.json); save one with "
+                    f"controlnet.save_pretrained(folder) or point at the folder that has it"
+                )
+            return ControlNetModel.from_pretrained(str(path), **kwargs)
+        if revision:
+            kwargs["revision"] = revision
+        if variant:
+            kwargs["variant"] = variant
+        try:
+            return ControlNetModel.from_pretrained(ref, **kwargs)
+        except OSError as exc:
+            raise ModelNotFoundError(
+                f"ControlNet {ref!r} ({key}) could not be loaded{_reason(exc)}. Download it where the Hugging Face "
+                f"hub is reachable (`huggingface-cli download {ref}`) and copy the cache (HF_HOME), or set {key} to a "
+                f"local diffusers folder or .safetensors file"
+            ) from exc
+
+
+def check_compatible(controlnet, unet, ref: str, base: str, key: str) -> None:
+    """A ControlNet trained for another base model fails deep inside the UNet with a shape error: say it here."""
+    checks = ("cross_attention_dim", "block_out_channels", "in_channels")
+
+    def norm(value):
+        return tuple(value) if isinstance(value, (list, tuple)) else value
+
+    for name in checks:
+        mine, theirs = controlnet.config.get(name), unet.config.get(name)
+        if mine is not None and theirs is not None and norm(mine) != norm(theirs):
+            raise ConfigError(
+                key,
+                f"ControlNet {ref!r} does not fit the base model {base!r} ({name} {mine} vs {theirs}); use a "
+                f"ControlNet trained for this base (SD 1.5 ControlNets need an SD 1.5 model, SD 2.1 ones SD 2.1)",
+            )
