@@ -90,6 +90,11 @@ class Denoiser(Plugin):
     def prepare_request(self, request: Any, canvas: Any) -> None:
         """Hook called once per request before sampling (e.g. to load and crop a condition image)."""
 
+    def request_images(self) -> dict[str, torch.Tensor]:
+        """Images of the last prepared request to save next to its output for inspection (e.g. the fitted condition
+        image): ``{suffix: [3, H, W] in [0, 1]}``, written as ``<name>.<suffix>.png``."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """What the JSON sidecar records about the model (names, revisions), beyond the spec."""
         return {}

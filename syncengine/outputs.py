@@ -73,6 +73,11 @@ def write_result(result: Generated, output_dir: str | Path, overwrite: bool = Fa
     stem = free_stem(folder, result.request.name, overwrite)
     png = folder / f"{stem}.png"
     _atomic_write(png, lambda p: to_pil(result.image).save(p, format="PNG"))
-    meta = sidecar(result, png.name)
+    extras = {}
+    for suffix, image in result.extra_images.items():  # e.g. a ControlNet's condition image, for inspection
+        path = folder / f"{stem}.{suffix}.png"
+        _atomic_write(path, lambda p, image=image: to_pil(image).save(p, format="PNG"))
+        extras[suffix] = path.name
+    meta = sidecar(result, png.name, {"extra_images": extras} if extras else None)
     _atomic_write(folder / f"{stem}.json", lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
     return png

@@ -31,6 +31,7 @@ class Generated:
     stats: dict[str, Any]
     timings: dict[str, float]
     model: dict[str, Any] = field(default_factory=dict)
+    extra_images: dict[str, torch.Tensor] = field(default_factory=dict)  # suffix -> [3, H, W] in [0, 1]
 
 
 @dataclass
@@ -140,4 +141,4 @@ class Pipeline:
         timings["decode"] = time.perf_counter() - t2
         timings["total"] = time.perf_counter() - t0
         return Generated(request, index, image[0].cpu(), result.latents.cpu(), spec.to_container(), result.stats,
-                         timings, denoiser.describe())
+                         timings, denoiser.describe(), dict(denoiser.request_images()))
