@@ -20,6 +20,7 @@ from syncengine.denoiser import Step
 from syncengine.errors import ConfigError, SyncEngineError
 from syncengine.views import View
 from syncengine_sd.denoiser import StableDiffusionConfig, StableDiffusionDenoiser
+from syncengine_sd.loading import torch_device
 
 from .conditions import RESIZE_POLICIES, condition_crop, fit_to_canvas, load_image, request_sources, to_tensor
 from .loading import check_compatible, load_controlnet
@@ -70,6 +71,17 @@ class ControlNetConfig(StableDiffusionConfig):
             build_preprocessor(unit.preprocessor, f"{key}.preprocessor")  # name and options, no weights
 
 
+def plain(value: Any) -> Any:
+    """OmegaConf containers (request inputs come from the spec) -> dicts and lists."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
 def control_scale(unit: ControlNetUnit, step: Step) -> float:
     """The unit's scale at this step: 0 outside [start, end] (diffusers' ``controlnet_keep``)."""
     i, n = step.index, max(step.total, 1)
@@ -87,10 +99,10 @@ class ControlNetDenoiser(StableDiffusionDenoiser):
         # Cheap failures first: preprocessor weights before the multi-GB base model.
         self.preprocessors = [build_preprocessor(u.preprocessor, f"denoiser.controlnets.{i}.preprocessor")
                               for i, u in enumerate(c.controlnets)]
-        super().__init__(c)
         for p in self.preprocessors:
             if p is not None:
-                p.load(self.device)
+                p.load(torch_device(c.device))
+        super().__init__(c)
         self.controlnets = []
         for i, unit in enumerate(c.controlnets):
             key = f"denoiser.controlnets.{i}.model"
@@ -116,7 +128,7 @@ class ControlNetDenoiser(StableDiffusionDenoiser):
     def prepare_request(self, request: Any, canvas: Any) -> None:
         """Load, preprocess and fit each ControlNet's condition image to the canvas (once per request)."""
         units = self.config.controlnets
-        inputs = dict(getattr(request, "inputs", None) or {})
+        inputs = plain(getattr(request, "inputs", None) or {})
         sources = request_sources(inputs, len(units), [u.input for u in units])
         conditions = []
         for i, (unit, source, pre) in enumerate(zip(units, sources, self.preprocessors)):
