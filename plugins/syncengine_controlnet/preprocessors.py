@@ -97,8 +97,11 @@ class AuxPreprocessor(Preprocessor):
         ref = self.config.pretrained
         try:
             model = getattr(controlnet_aux, self.detector).from_pretrained(ref)
-        except ImportError as exc:  # detectors with optional dependencies (timm, mediapipe...)
-            raise SyncEngineError(f"preprocessor {self.detector} needs a missing package: {exc}; install it") from exc
+        except ImportError as exc:  # optional dependencies; MiDaS imports basicsr only to download missing weights
+            raise SyncEngineError(
+                f"preprocessor {self.detector} could not be loaded from {ref!r}: {exc}. Install that package, or put "
+                f"the weights in place first (`huggingface-cli download {ANNOTATORS}` where the hub is reachable)"
+            ) from exc
         except (OSError, ValueError) as exc:
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise ModelNotFoundError(
@@ -127,6 +130,12 @@ class DepthMidasPreprocessor(AuxPreprocessor):
     """MiDaS depth (for depth ControlNets)."""
 
     detector = "MidasDetector"
+
+
+class DepthZoePreprocessor(AuxPreprocessor):
+    """ZoeDepth (for depth ControlNets such as control_v11f1p_sd15_depth)."""
+
+    detector = "ZoeDetector"
 
 
 class SoftEdgeHEDPreprocessor(AuxPreprocessor):
