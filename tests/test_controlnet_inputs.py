@@ -264,3 +264,35 @@ def test_controlnet_for_another_base_is_refused(tiny_sd, tmp_path):
     with pytest.raises(ConfigError, match="does not fit the base model.*cross_attention_dim 24 vs 32"):
         ControlNetDenoiser(ControlNetConfig(pretrained=str(tiny_sd),
                                             controlnets=[ControlNetUnit(str(tmp_path / "other"))]))
+
+
+# ----------------------------------------------------------------------------------------------------- the preset
+
+
+def test_canny_preset_validates_and_runs_shrunk_on_tiny_models(tiny_sd, tiny_controlnet, tmp_path):
+    """The preset as shipped validates (no model loads); shrunk onto the tiny models it runs end to end through
+    Lightning and writes the image, the edge map it was conditioned on, and the sidecar."""
+    import json
+
+    from syncengine.config import compose, validate
+    from syncengine.lightning_module import run
+
+    preset = resolve("controlnet-canny")
+    den = preset.config.denoiser
+    assert (preset.config.canvas.height, preset.config.canvas.width) == (512, 2048)
+    assert den.controlnets[0].model == "lllyasviel/sd-controlnet-canny" and den.controlnets[0].preprocessor.name == "canny"
+
+    photo = random_image(tmp_path / "photo.png", 16, 64)  # the preset's 4:1 aspect ratio
+    raw = compose("controlnet-canny", [
+        "canvas.height=64", "canvas.width=256", "tiler.window=64", "tiler.stride=32", f"denoiser.pretrained={tiny_sd}",
+        "sync.loss.net=alex", "sync.loss.backbone=random", "sync.weight=2", "sampler.steps=2",
+        "runtime.accelerator=cpu", "runtime.progress=false", f"runtime.output_dir={tmp_path / 'out'}",
+    ])
+    raw.denoiser.controlnets[0].model = str(tiny_controlnet)
+    raw.requests = [{"prompt": "a skyline", "seed": 3, "name": "sky", "inputs": {"control": str(photo)}}]
+    summary = run(validate(raw))
+    assert summary.ok and [p.name for p in summary.written] == ["sky.png"]
+    out = tmp_path / "out"
+    assert (out / "sky.control.png").is_file()
+    meta = json.loads((out / "sky.json").read_text())
+    assert meta["extra_images"] == {"control": "sky.control.png"} and meta["stats"]["sync_steps"] == 2
