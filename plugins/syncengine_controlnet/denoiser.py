@@ -48,6 +48,8 @@ class ControlNetUnit:
 @dataclass
 class ControlNetConfig(StableDiffusionConfig):
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the base model (as for stable-diffusion)
+    device: str = "auto"  # auto: cuda when available (the rank's device under Lightning), else cpu
+    revision: Optional[str] = None  # hub revision (branch, tag or commit) of the base model
     controlnets: List[ControlNetUnit] = field(default_factory=list)  # one entry per ControlNet (see docs/controlnet.md)
     guess_mode: bool = False  # control only the conditional rows of the CFG batch, residuals scaled 0.1..1 by depth
     resize: str = "error"  # condition of another aspect ratio than the canvas: error, stretch, crop or pad
