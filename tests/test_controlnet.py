@@ -207,3 +207,31 @@ def test_condition_is_saved_next_to_the_output(tiny_spec, tiny_controlnet, tmp_p
     assert meta["extra_images"] == {"control": "img.control.png"}
     assert meta["model"]["controlnets"][0]["model"] == str(tiny_controlnet)
     assert meta["request"]["inputs"] == {"control": str(image)}
+
+
+def test_region_layout_views_get_their_boxes(tiny_sd, tiny_controlnet, tmp_path):
+    """A region layout (views with their own prompts, sizes and masks, as a region tiler makes them): each view's
+    ControlNet input is its own box of the condition, whatever its size."""
+    from syncengine.sampler import JointSampler, Request, SamplerOptions
+    from syncengine.sync import SyncSchedule
+    from syncengine.views import CanvasSpec, CropView
+    from syncengine_controlnet.denoiser import ControlNetConfig, ControlNetDenoiser, ControlNetUnit
+    from syncengine_mergers.weighted import AverageMerger
+
+    den = ControlNetDenoiser(ControlNetConfig(pretrained=str(tiny_sd), controlnets=[ControlNetUnit(str(tiny_controlnet))]))
+    canvas = CanvasSpec(64, 160)
+    image = coordinate_image(tmp_path / "coords.png", 64, 160)
+    request = Request("a landscape", inputs={"control": str(image)})
+    den.prepare_request(request, canvas)
+    mask = torch.zeros(1, 1, 8, 20)
+    mask[..., 10:] = 1
+    views = [
+        CropView(0, top=0, left=0, height=8, width=20, context={"prompt": "a meadow"}, weight=1 - mask),
+        CropView(1, top=0, left=8, height=8, width=12, context={"prompt": "a lake"}),
+    ]
+    calls = record_conditions(den.controlnets[0])
+    JointSampler(den, views, AverageMerger(), None, SyncSchedule(0.0), SamplerOptions(steps=1)).sample(request, canvas)
+    assert [c.shape for c in calls] == [(2, 3, 64, 160), (2, 3, 64, 96)]
+    for batch, left in zip(calls, (0, 64)):
+        xs, ys = _coordinates(batch[1])
+        assert torch.equal(xs[0], left + torch.arange(batch.shape[-1])) and torch.equal(ys[:, 0], torch.arange(64))
