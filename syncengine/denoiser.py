@@ -78,6 +78,11 @@ class Denoiser(Plugin):
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in ``[-1, 1]`` -> latents (deterministic: the distribution's mean). Optional: only
+        plugins that compose images into latents (region bootstrapping, image inputs) need it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot encode images")
+
     def decode_for_sync(self, latents: torch.Tensor) -> torch.Tensor:
         """The decoder the sync loss differentiates through; a model may offer a cheaper one (TAESD)."""
         return self.decode(latents)

@@ -134,7 +134,8 @@ class Pipeline:
             self.collective,
         )
         t1 = time.perf_counter()
-        result = sampler.sample(request, canvas, progress)
+        noise = tiler.initial_noise(sampler.initial_noise(canvas, request.seed), canvas, request.seed)
+        result = sampler.sample(request, canvas, progress, noise=noise)
         timings["sample"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         image = decode_canvas(denoiser, result.latents, tiler.periodic_width, bool(cfg.runtime.tiled_decode))

@@ -25,7 +25,7 @@ from .merger import MergeBuffer, Merger
 from .parameterization import alpha_bar
 from .sync import SyncSchedule, decoded_x0, sync_gradient
 from .sync_loss import SyncLoss
-from .views import CanvasSpec, View
+from .views import CanvasSpec, InputContext, View
 
 
 @dataclass
@@ -137,7 +137,9 @@ class JointSampler:
         request: Request,
         canvas: CanvasSpec,
         progress: Callable[[int, int], None] | None = None,
+        noise: torch.Tensor | None = None,
     ) -> SampleResult:
+        """``noise`` replaces the request's initial canvas noise (default: :meth:`initial_noise` of its seed)."""
         den = self.denoiser
         device = den.device
         opts = self.options
@@ -150,7 +152,9 @@ class JointSampler:
 
         conds = self._conditionings(request)
         owned = self.collective.owned(self.views)
-        latents = (self.initial_noise(canvas, request.seed) * scheduler.init_noise_sigma).to(device)
+        if noise is None:
+            noise = self.initial_noise(canvas, request.seed)
+        latents = (noise.float() * scheduler.init_noise_sigma).to(device)
         stats = {"unet_views": 0, "sync_views": 0, "decodes": 0, "sync_steps": 0, "views": len(self.views),
                  "owned_views": len(owned), "seconds_sync": 0.0, "seconds_denoise": 0.0}
         timesteps = scheduler.timesteps
@@ -161,13 +165,14 @@ class JointSampler:
             scale = float(scheduler.scale_model_input(torch.ones(1, device=device), t).reshape(-1)[0])
             model_canvas = latents * scale
             a = alpha_bar(alphas, t)
-            targets = self._anchor_targets(model_canvas, step, conds, a, stats) if weight > 0 else {}
+            inputs = InputContext(step, a, den, int(request.seed))
+            targets = self._anchor_targets(model_canvas, step, conds, a, inputs, stats) if weight > 0 else {}
 
             eps_buf = MergeBuffer(latents.shape, device=device)
             x_buf = MergeBuffer(latents.shape, device=device) if weight > 0 else None
             t0 = time.perf_counter()
             for batch in _batches(owned, opts.view_batch_size):
-                x = torch.cat([v.extract(model_canvas) for v in batch])
+                x = torch.cat([v.prepare_input(v.extract(model_canvas), inputs) for v in batch])
                 if weight > 0:
                     ts = time.perf_counter()
                     x = self._sync_update(x, batch, step, conds, targets, weight, a, stats)
@@ -195,7 +200,7 @@ class JointSampler:
 
     # -------------------------------------------------------------------------------------------------------- sync
 
-    def _anchor_targets(self, model_canvas, step, conds, a, stats) -> dict[Any, Any]:
+    def _anchor_targets(self, model_canvas, step, conds, a, inputs, stats) -> dict[Any, Any]:
         """Per sync group, the loss target of the anchor's decoded x0 (computed once, without gradient)."""
         targets = {}
         for key, (anchor, members) in self.groups.items():
@@ -204,7 +209,7 @@ class JointSampler:
             image = torch.zeros(self._anchor_image_shape(anchor), device=model_canvas.device)
             if owner == self.collective.rank:
                 with torch.no_grad():
-                    x = anchor.extract(model_canvas)
+                    x = anchor.prepare_input(anchor.extract(model_canvas), inputs)
                     image = decoded_x0(self.denoiser, x, step, [conds[anchor.index]], [anchor], a, self.options.sync_resolution).float()
                 stats["decodes"] += 1
                 stats["unet_views"] += 1

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from abc import abstractmethod
 
+import torch
+
 from .plugin import Plugin
 from .views import CanvasSpec, View
 
@@ -24,6 +26,11 @@ class Tiler(Plugin):
         """True when the canvas wraps horizontally (loop panoramas, 360° equirectangular): decoding pads across the
         seam so the left and right edges match."""
         return False
+
+    def initial_noise(self, noise: torch.Tensor, canvas: CanvasSpec, seed: int) -> torch.Tensor:
+        """The canvas's initial noise, given the request's (drawn once from its seed). Identity by default; a tiler
+        may redraw parts of it (a region with its own seed), deterministically from ``seed``."""
+        return noise
 
     @abstractmethod
     def validate(self, canvas: CanvasSpec) -> None: ...

@@ -62,6 +62,23 @@ class View(ABC):
     def scatter_add(self, window: torch.Tensor, out: torch.Tensor) -> None:
         """Add a window-shaped ``[B, C', h, w]`` tensor into a canvas-shaped buffer in place (adjoint of extract)."""
 
+    def prepare_input(self, x: torch.Tensor, inputs: "InputContext") -> torch.Tensor:
+        """The model input of this view at this step, given the window read from the canvas. Identity by default;
+        a view may compose its window over something else first (region bootstrapping does)."""
+        return x
+
+
+@dataclass(frozen=True)
+class InputContext:
+    """What :meth:`View.prepare_input` may use: the step, ``alpha_bar`` at its timestep (views see alpha-space
+    latents, so ``sqrt(a) * x0 + sqrt(1 - a) * noise`` noises a clean latent to this step), the denoiser (to encode
+    images) and the request's seed (for reproducible per-view randomness)."""
+
+    step: Any
+    alpha_bar: torch.Tensor
+    denoiser: Any
+    seed: int
+
 
 @dataclass
 class CropView(View):

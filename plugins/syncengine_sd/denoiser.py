@@ -146,6 +146,10 @@ class StableDiffusionDenoiser(Denoiser):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor).sample.float()
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        posterior = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
+        return (posterior.mean * self.vae.config.scaling_factor).float()
+
     def decode_for_sync(self, latents: torch.Tensor) -> torch.Tensor:
         if self.sync_decoder is None:
             return self.decode(latents)
