@@ -1,0 +1,206 @@
+"""One measurement in a fresh process: ``python -m benchmarks.worker '<json job>'`` prints one JSON line.
+
+A fresh process per measurement makes the peak resident memory (``VmHWM``, the kernel's high-water mark, the same
+figure as ``ru_maxrss``) belong to that measurement alone. ``peak_over_start_mib`` subtracts the resident memory after
+the model is loaded and warmed up, i.e. what the run itself added at its peak.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any
+
+import torch
+
+PROMPT = "a photo of a mountain range at twilight"
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+class Counters:
+    """UNet rows/calls, decoded images (full VAE and tiny decoder), backward passes: counted at the modules."""
+
+    def __init__(self):
+        self.values = {"unet_calls": 0, "unet_rows": 0, "vae_decodes": 0, "tiny_decodes": 0, "backward_calls": 0}
+
+    def unet(self, unet) -> None:
+        def hook(module, args, kwargs):
+            sample = args[0] if args else kwargs["sample"]
+            self.values["unet_calls"] += 1
+            self.values["unet_rows"] += int(sample.shape[0])
+
+        unet.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def decoder(self, vae, key: str) -> None:
+        original = vae.decode
+
+        def decode(z, *args, **kwargs):
+            self.values[key] += int(z.shape[0])
+            return original(z, *args, **kwargs)
+
+        vae.decode = decode
+
+    def autograd(self) -> None:
+        original = torch.autograd.grad
+
+        def grad(*args, **kwargs):
+            self.values["backward_calls"] += 1
+            return original(*args, **kwargs)
+
+        torch.autograd.grad = grad
+
+
+def _warm_up(unet, vae, hidden_dim: int) -> None:
+    """First calls pay one-off costs (kernel selection, allocations): pay them before the clock starts."""
+    with torch.no_grad():
+        unet(torch.zeros(2, 4, 64, 64), 500, encoder_hidden_states=torch.zeros(2, 77, hidden_dim))
+        vae.decode(torch.zeros(1, 4, 8, 8))
+
+
+def run_diffusers(job: dict[str, Any]) -> dict[str, Any]:
+    from diffusers import StableDiffusionPanoramaPipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = StableDiffusionPanoramaPipeline.from_pretrained(
+            job["model"], safety_checker=None, requires_safety_checker=False
+        )
+    pipe.set_progress_bar_config(disable=True)
+    _warm_up(pipe.unet, pipe.vae, pipe.text_encoder.config.hidden_size)
+    counters = Counters()
+    counters.unet(pipe.unet)
+    counters.decoder(pipe.vae, "vae_decodes")
+    gc.collect()
+    start_rss = _status_kib("VmRSS")
+    seconds = []
+    for seed in job["seeds"]:
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipe(PROMPT, height=job["height"], width=job["width"], num_inference_steps=job["steps"],
+                 guidance_scale=7.5, view_batch_size=job["view_batch_size"], output_type="pt",
+                 generator=torch.Generator("cpu").manual_seed(seed))
+        seconds.append(time.perf_counter() - t0)
+    return _result(job, seconds, counters, start_rss, {})
+
+
+def syncengine_spec(job: dict[str, Any], seed: int, output_dir: str) -> dict[str, Any]:
+    sync = {"loss": {"name": "lpips", "net": "vgg", "backbone": "random"}, "weight": 0.0}
+    sync.update(job.get("sync", {}))
+    denoiser = {"name": "stable-diffusion", "pretrained": job["model"], "device": "cpu"}
+    denoiser.update(job.get("denoiser", {}))
+    return {
+        "canvas": {"height": job["height"], "width": job["width"]},
+        "tiler": {"name": "sliding", "window": 512, "stride": job["stride"]},
+        "merger": {"name": "average"},
+        "denoiser": denoiser,
+        "sync": sync,
+        "sampler": {"scheduler": "ddim", "steps": job["steps"], "guidance_scale": 7.5,
+                    "view_batch_size": job["view_batch_size"]},
+        "requests": [{"prompt": PROMPT, "seed": seed, "name": "bench"}],
+        "runtime": {"accelerator": "cpu", "devices": 1, "output_dir": output_dir, "progress": False,
+                    "tiled_decode": bool(job.get("tiled_decode", False))},
+    }
+
+
+def run_syncengine(job: dict[str, Any]) -> dict[str, Any]:
+    from syncengine.config import resolve
+    from syncengine.pipeline import Pipeline
+
+    tmp = tempfile.mkdtemp(prefix="bench-")
+    resolved = resolve(syncengine_spec(job, job["seeds"][0], tmp))
+    pipe = Pipeline(resolved)
+    den = pipe.denoiser_for(resolved)
+    loss = pipe.loss_for(resolved, den.device)
+    distance = None
+    if job.get("coherence"):
+        from syncengine.evaluation.metrics import load_distance
+
+        distance = load_distance({"name": "lpips", "net": "vgg", "backbone": "random"})
+    _warm_up(den.unet, den.vae, den.pipe.text_encoder.config.hidden_size)
+    counters = Counters()
+    counters.unet(den.unet)
+    counters.decoder(den.vae, "vae_decodes")
+    if den.sync_decoder is not None:
+        counters.decoder(den.sync_decoder, "tiny_decodes")
+    counters.autograd()
+    gc.collect()
+    start_rss = _status_kib("VmRSS")
+    seconds, stats, intra = [], [], []
+    for seed in job["seeds"]:
+        spec = resolve(syncengine_spec(job, seed, tmp))
+        pipe.resolved = spec
+        t0 = time.perf_counter()
+        out = pipe.run(0)
+        seconds.append(time.perf_counter() - t0)
+        stats.append(out.stats)
+        if distance is not None:
+            from syncengine.evaluation.crops import grid_crops
+            from syncengine.evaluation.metrics import intra_distance
+
+            intra.append(intra_distance(grid_crops(out.image, 512), distance))
+    extra = {"stats": stats[0], "loss_loaded": loss is not None}
+    if intra:
+        extra["intra_lpips"] = intra
+    return _result(job, seconds, counters, start_rss, extra)
+
+
+def run_decode(job: dict[str, Any]) -> dict[str, Any]:
+    """The final decode alone (no sampling): latents of a wide canvas, tiled or not."""
+    from syncengine.config import resolve
+    from syncengine.pipeline import Pipeline, decode_canvas
+
+    tmp = tempfile.mkdtemp(prefix="bench-")
+    resolved = resolve(syncengine_spec({**job, "steps": 1, "stride": 64, "view_batch_size": 1, "seeds": [0]}, 0, tmp))
+    den = Pipeline(resolved).denoiser_for(resolved)
+    latents = torch.randn(resolved.canvas.latent_shape(), generator=torch.Generator().manual_seed(0))
+    _warm_up(den.unet, den.vae, den.pipe.text_encoder.config.hidden_size)
+    counters = Counters()
+    counters.decoder(den.vae, "vae_decodes")
+    gc.collect()
+    start_rss = _status_kib("VmRSS")
+    t0 = time.perf_counter()
+    image = decode_canvas(den, latents, False, bool(job["tiled_decode"]))
+    seconds = [time.perf_counter() - t0]
+    return _result(job, seconds, counters, start_rss, {"image_shape": list(image.shape)})
+
+
+def _result(job, seconds, counters, start_rss, extra) -> dict[str, Any]:
+    peak = _status_kib("VmHWM")
+    n = len(seconds)
+    per = {k: v / n for k, v in counters.values.items()}
+    return {"name": job["name"], "seconds": seconds, "seconds_mean": sum(seconds) / n, "per_panorama": per,
+            "peak_rss_mib": peak / 1024, "start_rss_mib": start_rss / 1024,
+            "peak_over_start_mib": (peak - start_rss) / 1024, "threads": torch.get_num_threads(), **extra}
+
+
+KINDS = {"diffusers": run_diffusers, "syncengine": run_syncengine, "decode": run_decode}
+
+
+def main(argv: list[str]) -> int:
+    job = json.loads(argv[0])
+    threads = job.get("threads") or int(os.environ.get("BENCH_THREADS", "0")) or (os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    import logging
+
+    logging.disable(logging.WARNING)  # the random-weight notices are expected here
+    result = KINDS[job["kind"]](job)
+    sys.stdout.write("BENCH-RESULT " + json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
