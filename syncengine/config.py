@@ -149,18 +149,75 @@ def load_file(path: Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
         parents = [parents]
     merged = OmegaConf.create()
     for parent in parents:
-        merged = OmegaConf.merge(merged, load_file(find_spec_file(parent, path.parent), (*_seen, path)))
-    return OmegaConf.merge(merged, cfg)  # type: ignore[return-value]
+        merged = merge_layer(merged, load_file(find_spec_file(parent, path.parent), (*_seen, path)))
+    return merge_layer(merged, cfg)
 
 
-def parse_overrides(overrides: list[str]) -> DictConfig:
-    for item in overrides:
-        if "=" not in item:
-            raise SyncEngineError(f"override {item!r} is not key=value (e.g. sync.weight=10)")
+def _parse_value(key: str, text: str) -> Any:
+    """A command-line value parsed the way YAML would (numbers, booleans, null, lists)."""
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        node = OmegaConf.from_dotlist([f"value={text}"])
     except OmegaConfBaseException as exc:
-        raise SyncEngineError(f"bad override: {str(exc).splitlines()[0]}") from exc
+        raise SyncEngineError(f"bad override {key}={text}: {str(exc).splitlines()[0]}") from exc
+    value = node._get_node("value")
+    return OmegaConf.to_container(node)["value"] if isinstance(value, (DictConfig, ListConfig)) else node.value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``key=value`` strings -> (dotted key, parsed value) pairs, in order."""
+    out = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise SyncEngineError(f"override {item!r} is not key=value (e.g. sync.weight=10)")
+        out.append((key.strip(), _parse_value(key.strip(), text)))
+    return out
+
+
+def _switch_plugins(base: DictConfig, layer: DictConfig | dict) -> None:
+    """A layer that names another plugin for a section replaces that section: the old plugin's options belong to
+    it (``sync.loss.net`` means nothing to the ``style`` loss), so they are not merged into the new one's."""
+    for section in PLUGIN_SECTIONS:
+        given = OmegaConf.select(layer, section) if isinstance(layer, DictConfig) else None
+        current = OmegaConf.select(base, section)
+        if (isinstance(given, DictConfig) and "name" in given and isinstance(current, DictConfig)
+                and "name" in current and given.name != current.name):
+            OmegaConf.update(base, section, {}, merge=False)
+
+
+def merge_layer(base: DictConfig, layer: DictConfig | dict) -> DictConfig:
+    """``layer`` over ``base`` (both specs): OmegaConf's merge, except that naming another plugin replaces the
+    section (see :func:`_switch_plugins`)."""
+    layer = layer if isinstance(layer, DictConfig) else OmegaConf.create(layer)
+    base = OmegaConf.create(OmegaConf.to_container(base))
+    _switch_plugins(base, layer)
+    return OmegaConf.merge(base, layer)  # type: ignore[return-value]
+
+
+def apply_overrides(cfg: DictConfig, overrides: list[tuple[str, Any]] | dict[str, Any]) -> DictConfig:
+    """Set dotted keys on a spec (``requests.0.seed=3`` indexes lists). A key that names another plugin for a section
+    (``sync.loss.name=style``) first replaces that section, whatever the order of the overrides."""
+    pairs = list(overrides.items()) if isinstance(overrides, dict) else list(overrides)
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+    names = {f"{section}.name": section for section in PLUGIN_SECTIONS}
+    for key, value in pairs:
+        if key in names and OmegaConf.select(cfg, key) not in (None, value):
+            OmegaConf.update(cfg, names[key], {}, merge=False)
+    for key, value in pairs:
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            node = OmegaConf.select(cfg, ".".join(parts[: depth + 1]))
+            if isinstance(node, ListConfig):
+                nxt = parts[depth + 1]
+                if not nxt.isdigit() or int(nxt) >= len(node):
+                    where = ".".join(parts[: depth + 1])
+                    raise ConfigError(key, f"{where} has {len(node)} entries (0..{len(node) - 1}); "
+                                           f"{nxt!r} is not one of them")
+        try:
+            OmegaConf.update(cfg, key, value, merge=True)
+        except (OmegaConfBaseException, TypeError, ValueError, IndexError) as exc:
+            raise ConfigError(key, f"cannot set this key: {str(exc).splitlines()[0]}") from None
+    return cfg
 
 
 def compose(spec: str | Path | dict | DictConfig | None = None, overrides: list[str] = ()) -> DictConfig:
@@ -175,9 +232,9 @@ def compose(spec: str | Path | dict | DictConfig | None = None, overrides: list[
             base = OmegaConf.create()
             parents = raw.pop("extends")
             for parent in [parents] if isinstance(parents, str) else parents:
-                base = OmegaConf.merge(base, load_file(find_spec_file(parent)))
-            raw = OmegaConf.merge(base, raw)
-    return OmegaConf.merge(raw, parse_overrides(list(overrides)))  # type: ignore[return-value]
+                base = merge_layer(base, load_file(find_spec_file(parent)))
+            raw = merge_layer(base, raw)
+    return apply_overrides(raw, parse_overrides(list(overrides)))
 
 
 # ------------------------------------------------------------------------------------------------------- validation
@@ -189,7 +246,9 @@ def _omegaconf_error(prefix: str, exc: OmegaConfBaseException) -> ConfigError:
     return ConfigError(f"{prefix}.{key}".strip(".") if key else prefix, msg)
 
 
-def _typed(schema: type, values: Any, where: str) -> DictConfig:
+def typed_config(schema: type, values: Any, where: str) -> DictConfig:
+    """``values`` merged over the dataclass ``schema``'s defaults and type-checked; failures are a one-line
+    :class:`ConfigError` naming the key under ``where`` (plugins validating their own sub-sections use this too)."""
     try:
         base = OmegaConf.structured(schema)
         return OmegaConf.merge(base, values)  # type: ignore[return-value]
@@ -215,7 +274,7 @@ def _plugin_section(cfg: DictConfig, section: str, kind: str) -> tuple[DictConfi
     except SyncEngineError as exc:
         raise ConfigError(f"{section}.name", str(exc)) from None
     options = OmegaConf.create({k: v for k, v in node.items() if k != "name"})
-    typed = _typed(cls.Config, options, section)
+    typed = typed_config(cls.Config, options, section)
     instance = OmegaConf.to_object(typed)
     full = OmegaConf.merge({"name": name}, typed)
     return full, instance, cls  # type: ignore[return-value]
@@ -242,7 +301,7 @@ def _drop_default_plugin_options(top: DictConfig, raw: DictConfig | dict) -> Non
 
 def validate(raw: DictConfig | dict) -> ResolvedSpec:
     """Validate a composed spec; returns the resolved spec or raises a one-line :class:`ConfigError`."""
-    top = _typed(Spec, raw, "")
+    top = typed_config(Spec, raw, "")
     _drop_default_plugin_options(top, raw)
     plugin_configs: dict[str, Any] = {}
     plugin_classes: dict[str, type] = {}
@@ -309,7 +368,9 @@ def request_spec(resolved: ResolvedSpec, index: int) -> ResolvedSpec:
     req = resolved.config.requests[index]
     if not req.overrides:
         return resolved
-    merged = OmegaConf.create(OmegaConf.to_container(resolved.config))
-    for key, value in req.overrides.items():
-        OmegaConf.update(merged, str(key), value, merge=True)
-    return validate(merged)
+    pairs = [(str(k), OmegaConf.to_container(v) if isinstance(v, (DictConfig, ListConfig)) else v)
+             for k, v in req.overrides.items()]
+    return validate(apply_overrides(resolved.config, pairs))
+
+
+_typed = typed_config  # the name plugins used before it was public

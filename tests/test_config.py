@@ -111,3 +111,47 @@ def test_per_request_overrides():
 def test_validation_does_not_load_models():
     # the denoiser path does not exist: validation still passes because it never loads weights
     assert validate(compose(BASE)).config.denoiser.pretrained == "/nonexistent/model"
+
+
+def test_switching_a_plugin_replaces_its_section(tmp_path):
+    """The old plugin's options (lpips' net=alex) must not leak into the newly named one (style's own defaults)."""
+    spec = {**BASE, "sync": {"loss": {"name": "lpips", "net": "alex", "backbone": "random"}}}
+    by_override = resolve(spec, ["sync.loss.name=style"]).config.sync.loss
+    assert (by_override.name, by_override.net, by_override.backbone) == ("style", "vgg16", "pretrained")
+    # order of overrides does not matter: options given next to the new name are kept
+    kept = resolve(spec, ["sync.loss.backbone=random", "sync.loss.name=style"]).config.sync.loss
+    assert (kept.backbone, kept.net) == ("random", "vgg16")
+    # same name: options merge key by key as before
+    assert resolve(spec, ["sync.loss.net=vgg"]).config.sync.loss.backbone == "random"
+    (tmp_path / "base.yaml").write_text(OmegaConf.to_yaml(spec))
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nsync:\n  loss:\n    name: style\n")
+    assert resolve(tmp_path / "child.yaml").config.sync.loss.net == "vgg16"
+
+
+def test_list_items_can_be_overridden_by_index():
+    spec = {**BASE, "requests": [{"prompt": "a"}, {"prompt": "b"}]}
+    c = resolve(spec, ["requests.1.seed=7", "requests.0.inputs.control=x.png"]).config
+    assert c.requests[1].seed == 7 and c.requests[0].inputs.control == "x.png"
+    err = _err(spec, ["requests.2.seed=1"])
+    assert err.key == "requests.2.seed" and "2 entries" in str(err)
+
+
+def test_per_request_override_can_switch_plugin():
+    from syncengine.config import request_spec
+
+    spec = {**BASE, "sync": {"loss": {"name": "lpips", "net": "alex"}},
+            "requests": [{"prompt": "a", "overrides": {"sync.loss.name": "style"}}]}
+    loss = request_spec(resolve(spec), 0).config.sync.loss
+    assert (loss.name, loss.net) == ("style", "vgg16")
+
+
+def test_api_prompts_and_seeds():
+    from syncengine.api import resolve_run
+
+    r = resolve_run(BASE, ["requests.1.name=second"], prompts=["a beach", {"prompt": "a forest"}], seeds=[3, 4])
+    assert [(q.prompt, q.seed) for q in r.config.requests] == [("a beach", 3), ("a forest", 4)]
+    assert r.config.requests[1].name == "second"  # overrides apply after the prompts
+    with pytest.raises(SyncEngineError, match="2 seeds for 3 prompts"):
+        resolve_run(BASE, prompts=["a", "b", "c"], seeds=[1, 2])
+    with pytest.raises(SyncEngineError, match="seeds given without prompts"):
+        resolve_run(BASE, seeds=[1])

@@ -184,7 +184,7 @@ def preprocessor_spec(value: Any, key: str) -> dict[str, Any] | None:
 
 def build_preprocessor(value: Any, key: str) -> Preprocessor | None:
     """Look the plugin up by name (an unknown name lists the available ones) and validate its options."""
-    from syncengine.config import _typed  # the same validation (and messages) as every other plugin section
+    from syncengine.config import typed_config as _typed  # the same validation (and messages) as every other plugin section
 
     spec = preprocessor_spec(value, key)
     if spec is None:

@@ -23,7 +23,7 @@ def load_distance(section: dict[str, Any]):
     """A sync-loss plugin built from ``{"name": ..., **options}``, validated like a spec section."""
     from omegaconf import OmegaConf
 
-    from ..config import _typed
+    from ..config import typed_config as _typed
     from ..registry import get
 
     section = dict(section)
