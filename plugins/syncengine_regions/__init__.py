@@ -1,0 +1,1 @@
+"""Region-mask layouts (MultiDiffusion's layout-to-image, with SyncDiffusion across the background windows)."""
