@@ -70,13 +70,22 @@ def layout_colors(path: str, key: str) -> dict[tuple[int, int, int], int]:
     return {tuple(int(v) for v in c): int(n) for c, n in zip(colors, counts)}
 
 
+def area_matrix(source: int, target: int) -> torch.Tensor:
+    """``[target, source]``: the share of each target cell's interval covered by each source cell (rows sum to 1)."""
+    edges_t = torch.arange(target + 1, dtype=torch.float64) * (source / target)
+    lo = torch.maximum(edges_t[:-1, None], torch.arange(source, dtype=torch.float64)[None])
+    hi = torch.minimum(edges_t[1:, None], torch.arange(1, source + 1, dtype=torch.float64)[None])
+    return ((hi - lo).clamp_min(0) * (target / source)).float()
+
+
 def resize(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``[h, w]`` -> ``[height, width]``, bilinear with antialiasing (an area-like average when shrinking)."""
+    """``[h, w]`` -> ``[height, width]`` by area coverage: each canvas pixel is the mean of the mask over its
+    footprint. Exact both ways (an integer upscale repeats pixels, a downscale averages them) and it keeps the
+    covered area; smooth edges come from ``feather``, not from the resampling."""
     if tuple(mask.shape) == (height, width):
-        return mask
-    out = F.interpolate(mask[None, None].float(), size=(height, width), mode="bilinear", align_corners=False,
-                        antialias=True)
-    return out[0, 0].clamp(0, 1)
+        return mask.float()
+    out = area_matrix(mask.shape[0], height) @ mask.float() @ area_matrix(mask.shape[1], width).T
+    return out.clamp(0, 1)
 
 
 def _rect(values: List[Any], height: int, width: int, key: str) -> torch.Tensor:
