@@ -1,0 +1,155 @@
+"""The ``mvdiffusion`` denoiser: Stable Diffusion whose views attend to each other's corresponding pixels.
+
+All views of one ``predict`` call are denoised jointly: per classifier-free-guidance branch, every view's UNet
+features attend (correspondence-aware attention, :mod:`.model`) to its neighbours' features around the pixels that
+the rotation-only homographies (:mod:`.correspondence`) pair with its own. That makes a view's prediction depend on
+the other views in its batch, so the sampler must hand over all views of a request at once
+(``sampler.view_batch_size`` >= number of views; checked on the first step). A batch with a subset of the views —
+the SyncDiffusion step decodes the anchor alone and the other views together — runs the attention among the views
+present (a view alone is plain SD), exactly as the official model does for any number of views.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from syncengine.denoiser import Conditioning, Step
+from syncengine.errors import ConfigError
+from syncengine.views import View
+from syncengine_sd.denoiser import StableDiffusionConfig, StableDiffusionDenoiser
+
+from .correspondence import Camera
+from .loading import find_weights, load_blocks, load_official
+from .model import CorrespondenceBlocks, Plan, view_group
+
+NEIGHBOURS = ("ring", "all")
+
+
+@dataclass
+class MVDiffusionConfig(StableDiffusionConfig):
+    checkpoint: Optional[str] = None  # official pano.ckpt (or .safetensors with its keys); None: pretrained is a folder from save_pretrained
+    neighbors: str = "ring"  # ring: previous and next view in the batch, cyclic (the official model); all: every other view
+    trust_checkpoint: bool = False  # unpickle a .ckpt holding more than tensors (only for files you trust)
+
+    def __post_init__(self):
+        if self.neighbors not in NEIGHBOURS:
+            raise ConfigError("denoiser.neighbors", f"{self.neighbors!r} is not one of {', '.join(NEIGHBOURS)}")
+
+
+def _plain(value: Any) -> Any:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+class MVDiffusionDenoiser(StableDiffusionDenoiser):
+    """SD components + correspondence-attention blocks; cameras come from ``view.context["camera"]``."""
+
+    Config = MVDiffusionConfig
+
+    def __init__(self, config: MVDiffusionConfig | None = None):
+        c = config if config is not None else MVDiffusionConfig()
+        kind, where = find_weights(c.checkpoint, c.pretrained)  # before the multi-GB base model
+        super().__init__(c)
+        self.blocks = CorrespondenceBlocks(self.unet)
+        if kind == "official":
+            self.loaded = load_official(where, self.unet, self.blocks, self.vae, self.pipe.text_encoder,
+                                        c.trust_checkpoint)
+        else:
+            load_blocks(self.blocks, where)
+            self.loaded = {"blocks": len(self.blocks.state_dict())}
+        self.blocks.to(self.device, self.dtype).requires_grad_(False).eval()
+        self.blocks.attach(self.unet)
+        self._plans: dict[Any, Plan] = {}
+        self._seen: tuple[int | None, set[int]] = (None, set())
+        self.view_prompts: dict[int, Any] = {}
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        out.update({"checkpoint": self.config.checkpoint, "neighbors": self.config.neighbors,
+                    "correspondence_blocks": len(CorrespondenceBlocks.sites(self.unet))})
+        return out
+
+    # ----------------------------------------------------------------------------------------------------- request
+
+    def prepare_request(self, request: Any, canvas: Any) -> None:
+        """Per-view prompts from ``requests[].inputs.view_prompts`` (one per view, in view order), encoded once."""
+        self._seen = (None, set())
+        self.view_prompts = {}
+        prompts = _plain((getattr(request, "inputs", None) or {}).get("view_prompts"))
+        if prompts is None:
+            return
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+            raise ConfigError("requests[].inputs.view_prompts", "must be a list of non-empty prompts, one per view")
+        cache: dict[str, Any] = {}
+        with torch.no_grad():
+            for i, prompt in enumerate(prompts):
+                if prompt not in cache:
+                    cache[prompt] = self.encode_prompt(prompt, getattr(request, "negative_prompt", ""))
+                self.view_prompts[i] = cache[prompt]
+
+    def _view_conds(self, conds: Sequence[Conditioning], views: Sequence[View]) -> list[Conditioning]:
+        if not self.view_prompts:
+            return list(conds)
+        out = []
+        for cond, view in zip(conds, views):
+            if view.index not in self.view_prompts:
+                raise ConfigError("requests[].inputs.view_prompts", f"has {len(self.view_prompts)} prompts, but the "
+                                                                    f"tiler made view {view.index}; give one per view")
+            out.append(Conditioning(self.view_prompts[view.index], cond.guidance_scale))
+        return out
+
+    def _check_one_batch(self, step: Step, views: Sequence[View]) -> None:
+        """Views of one step arriving in disjoint no-grad batches means the sampler split them: refuse."""
+        index, seen = self._seen
+        if index != step.index:
+            index, seen = step.index, set()
+        mine = {v.index for v in views}
+        if seen and mine.isdisjoint(seen):
+            raise ConfigError("sampler.view_batch_size", f"the mvdiffusion denoiser needs all views of a request in "
+                              f"one batch, but views {sorted(seen)} and {sorted(mine)} came apart; set it to at least "
+                              f"the number of views (and use one device or runtime.shard: requests)")
+        self._seen = (index, seen | mine)
+
+    # --------------------------------------------------------------------------------------------------- inference
+
+    def predict(self, latents: torch.Tensor, step: Step, conds: Sequence[Conditioning],
+                views: Sequence[View]) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            self._check_one_batch(step, views)
+        return super().predict(latents, step, self._view_conds(conds, views), views)
+
+    def unet_forward(self, latents: torch.Tensor, step: Step, hidden: torch.Tensor, views: Sequence[View],
+                     cond_mask: torch.Tensor) -> torch.Tensor:
+        self.blocks.plan = self.plan(views, cond_mask)
+        return super().unet_forward(latents, step, hidden, views, cond_mask)
+
+    def camera(self, view: View) -> Camera:
+        camera = view.context.get("camera")
+        if camera is None:
+            raise ConfigError("tiler.name", f"the mvdiffusion denoiser needs views with a camera (context['camera'] "
+                                            f"with yaw, pitch, roll, fov); view {view.index} has none: use the "
+                                            f"perspective or cubemap tiler")
+        h, w = view.latent_size
+        return Camera.from_context(camera, h * self.latent_factor, w * self.latent_factor)
+
+    def plan(self, views: Sequence[View], cond_mask: torch.Tensor) -> Plan:
+        """The view groups of one UNet batch: the rows of each CFG branch, with their neighbours and homographies
+        (cached by cameras, so the per-level neighbourhoods are computed once per run)."""
+        cams = tuple(self.camera(v) for v in views)
+        flags = tuple(bool(f) for f in cond_mask.tolist())
+        key = (cams, flags, self.config.neighbors)
+        if key not in self._plans:
+            if len(self._plans) > 32:
+                self._plans.clear()
+            groups = []
+            for flag in sorted(set(flags)):
+                rows = [r for r, f in enumerate(flags) if f == flag]
+                if len(rows) > 1:
+                    if len({(cams[r].height, cams[r].width) for r in rows}) > 1:
+                        raise ConfigError("tiler.window", "the mvdiffusion denoiser needs views of one size")
+                    groups.append(view_group(rows, [cams[r] for r in rows], self.config.neighbors))
+            self._plans[key] = Plan(len(views), groups)
+        return self._plans[key]
