@@ -8,6 +8,10 @@ Per step ``t``:
 4. the merger averages the updated windows and the predictions on the canvas, and the scheduler steps once there.
 For DDIM-like schedulers the step is linear in (x_t, eps), so step 4 equals stepping each view and averaging (the
 paper's order); stepping on the canvas lets every diffusers scheduler work and draws stochastic noise once.
+
+With ``merger.target: x0`` (SyncTweedies, Kim et al. 2024) each view instead keeps its own x_t, and the canvas holds
+only the merged Tweedie estimate x0: views that resample the canvas (projections) then never see interpolated, hence
+variance-shrunk, noise. See :meth:`JointSampler._sample_x0`.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ from .collective import Collective
 from .denoiser import Conditioning, Denoiser, Step
 from .errors import ConfigError
 from .merger import MergeBuffer, Merger
-from .parameterization import alpha_bar
+from .parameterization import alpha_bar, predicted_x0
+from .schedulers import ALIASES
 from .sync import SyncSchedule, decoded_x0, sync_gradient
 from .sync_loss import SyncLoss
 from .views import CanvasSpec, InputContext, View
@@ -57,6 +62,11 @@ class SampleResult:
     stats: dict[str, Any]
 
 
+X0_SCHEDULERS = ("DDIMScheduler",)
+"""Schedulers the x0 merge target supports: deterministic and stateless in alpha space, so a step is a function of
+(x_t, x0) alone and each view can take its own with the merged x0."""
+
+
 def _batches(items: Sequence, size: int):
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -89,8 +99,12 @@ class JointSampler:
         options: SamplerOptions,
         collective: Collective | None = None,
     ):
-        if merger.target != "xt":
-            raise ConfigError("merger.target", f"{merger.target!r} is not supported by this sampler; use 'xt'")
+        if merger.target not in ("xt", "x0"):
+            raise ConfigError("merger.target", f"{merger.target!r} is not 'xt' or 'x0'")
+        if merger.target == "x0" and ALIASES.get(options.scheduler, (options.scheduler,))[0] not in X0_SCHEDULERS:
+            raise ConfigError("sampler.scheduler", f"merger.target x0 takes one DDIM step per view and needs a "
+                                                   f"deterministic alpha-space scheduler ('ddim'), got "
+                                                   f"{options.scheduler!r}; use 'ddim' or merger.target xt")
         self.denoiser = denoiser
         self.views = list(views)
         self.merger = merger
@@ -154,9 +168,13 @@ class JointSampler:
         owned = self.collective.owned(self.views)
         if noise is None:
             noise = self.initial_noise(canvas, request.seed)
-        latents = (noise.float() * scheduler.init_noise_sigma).to(device)
         stats = {"unet_views": 0, "sync_views": 0, "decodes": 0, "sync_steps": 0, "views": len(self.views),
                  "owned_views": len(owned), "seconds_sync": 0.0, "seconds_denoise": 0.0}
+        if self.merger.target == "x0":
+            latents = self._sample_x0(request, scheduler, conds, owned, noise.float(), stats, progress)
+            stats.update(self.collective.stats)
+            return SampleResult(latents, stats)
+        latents = (noise.float() * scheduler.init_noise_sigma).to(device)
         timesteps = scheduler.timesteps
         for i, t in enumerate(timesteps):
             step = Step(i, len(timesteps), t)
@@ -166,7 +184,8 @@ class JointSampler:
             model_canvas = latents * scale
             a = alpha_bar(alphas, t)
             inputs = InputContext(step, a, den, int(request.seed))
-            targets = self._anchor_targets(model_canvas, step, conds, a, inputs, stats) if weight > 0 else {}
+            read = lambda view: view.extract(model_canvas)  # noqa: E731
+            targets = self._anchor_targets(read, step, conds, a, inputs, stats) if weight > 0 else {}
 
             eps_buf = MergeBuffer(latents.shape, device=device)
             x_buf = MergeBuffer(latents.shape, device=device) if weight > 0 else None
@@ -198,18 +217,85 @@ class JointSampler:
         stats.update(self.collective.stats)
         return SampleResult(latents, stats)
 
+    def _sample_x0(self, request, scheduler, conds, owned, noise, stats, progress) -> torch.Tensor:
+        """SyncTweedies' x0 merging; returns the final canvas. Per step, for each owned view i with its own x_t^i:
+        prepare its input and sync-update it (as the x_t path does), predict eps^i, form Tweedie x0^i, and merge the
+        x0^i on the canvas (one all-reduced buffer). Each view then takes its own DDIM step from x_t^i towards the
+        merged x0 reprojected into it, with the noise that pair implies. On the last step the canvas takes that step
+        itself, from the merged x_t^i: for views that read consistent windows (crops) every step then equals the x_t
+        path's exactly, and the result is the merged x0 up to the scheduler's final ``sqrt(alpha)`` factors."""
+        den, device, opts = self.denoiser, self.denoiser.device, self.options
+        if type(scheduler).__name__ not in X0_SCHEDULERS:
+            raise ConfigError("sampler.scheduler", f"merger.target x0 needs one of {', '.join(X0_SCHEDULERS)}, got "
+                                                   f"{type(scheduler).__name__}")
+        alphas = scheduler.alphas_cumprod.to(torch.float32)
+        ptype = scheduler.config.prediction_type
+        # Drawn once on the canvas; a view may read its noise so that it keeps unit variance (nearest sampling).
+        states = {v.index: getattr(v, "extract_noise", v.extract)(noise.to(device)) for v in owned}
+        zeros = torch.zeros(noise.shape, device=device)
+        timesteps = scheduler.timesteps
+        latents = zeros
+        for i, t in enumerate(timesteps):
+            step = Step(i, len(timesteps), t)
+            weight = self.schedule.weight_at(i) if self.sync_loss is not None else 0.0
+            a = alpha_bar(alphas, t)
+            inputs = InputContext(step, a, den, int(request.seed))
+            read = lambda view: states[view.index]  # noqa: E731
+            targets = self._anchor_targets(read, step, conds, a, inputs, stats) if weight > 0 else {}
+            last = i == len(timesteps) - 1
+            x0_buf = MergeBuffer(zeros.shape, device=device)
+            xt_buf = MergeBuffer(zeros.shape, device=device) if last else None
+            current: dict[int, torch.Tensor] = {}
+            t0 = time.perf_counter()
+            for batch in _batches(owned, opts.view_batch_size):
+                x = torch.cat([v.prepare_input(states[v.index], inputs) for v in batch])
+                if weight > 0:
+                    ts = time.perf_counter()
+                    x = self._sync_update(x, batch, step, conds, targets, weight, a, stats)
+                    stats["seconds_sync"] += time.perf_counter() - ts
+                with torch.no_grad():
+                    out = den.predict(x, step, [conds[v.index] for v in batch], batch).float()
+                    x0 = predicted_x0(out, x, a.to(device), den.prediction_type)
+                stats["unet_views"] += len(batch)
+                for k, view in enumerate(batch):
+                    w = self.merger.weight(view, device=device)
+                    x0_buf.add(view, x0[k : k + 1], w)
+                    current[view.index] = x[k : k + 1].detach()
+                    if xt_buf is not None:
+                        xt_buf.add(view, current[view.index], w)
+            stats["seconds_denoise"] += time.perf_counter() - t0
+            buffers = [x0_buf.sum, x0_buf.weight] + ([xt_buf.sum, xt_buf.weight] if xt_buf is not None else [])
+            self.collective.all_reduce_(buffers)
+            if weight > 0:
+                stats["sync_steps"] += 1
+            merged_x0 = x0_buf.result(zeros)
+            if last:  # positions no view covered stay 0 (x0 = 0, x_t = 0)
+                xt = xt_buf.result(zeros)
+                latents = scheduler.step(_model_output(merged_x0, xt, a, ptype), t, xt).prev_sample
+            else:
+                with torch.no_grad():
+                    for view in owned:
+                        x_t = current[view.index]
+                        out = _model_output(view.extract(merged_x0), x_t, a, ptype)
+                        states[view.index] = scheduler.step(out, t, x_t).prev_sample
+            if progress is not None:
+                progress(i + 1, len(timesteps))
+        return latents
+
     # -------------------------------------------------------------------------------------------------------- sync
 
-    def _anchor_targets(self, model_canvas, step, conds, a, inputs, stats) -> dict[Any, Any]:
-        """Per sync group, the loss target of the anchor's decoded x0 (computed once, without gradient)."""
+    def _anchor_targets(self, read, step, conds, a, inputs, stats) -> dict[Any, Any]:
+        """Per sync group, the loss target of the anchor's decoded x0 (computed once, without gradient). ``read``
+        gives a view's current x_t (its canvas window, or its own state when merging x0)."""
         targets = {}
+        device = self.denoiser.device
         for key, (anchor, members) in self.groups.items():
             position = next(p for p, v in enumerate(self.views) if v is anchor)
             owner = self.collective.owner_of(position, len(self.views))
-            image = torch.zeros(self._anchor_image_shape(anchor), device=model_canvas.device)
+            image = torch.zeros(self._anchor_image_shape(anchor), device=device)
             if owner == self.collective.rank:
                 with torch.no_grad():
-                    x = anchor.prepare_input(anchor.extract(model_canvas), inputs)
+                    x = anchor.prepare_input(read(anchor), inputs)
                     image = decoded_x0(self.denoiser, x, step, [conds[anchor.index]], [anchor], a, self.options.sync_resolution).float()
                 stats["decodes"] += 1
                 stats["unet_views"] += 1
@@ -253,3 +339,17 @@ class JointSampler:
             stats["unet_views"] += len(chunk)
             stats["decodes"] += len(chunk)
         return x
+
+
+def _model_output(x0: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The model output that a scheduler of ``prediction_type`` reads as the pair (x_t, x0): the implied noise is
+    ``eps = (x_t - sqrt(a) x0) / sqrt(1 - a)``."""
+    a = a.to(device=x_t.device, dtype=x_t.dtype)
+    eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+    if prediction_type == "sample":
+        return x0
+    raise ValueError(f"unknown prediction_type {prediction_type!r}: expected epsilon, v_prediction or sample")

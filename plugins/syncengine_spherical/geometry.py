@@ -63,25 +63,71 @@ def perspective_pixel(direction: torch.Tensor, h: int, w: int, fov_deg: float, y
     return (float(u), float(v)) if 0 <= u < w and 0 <= v < h else None
 
 
-def sample_perspective(equirect: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Project an equirectangular tensor [B, C, H, 2H] through a precomputed grid (seam wraps by padding a column)."""
+def pole_filter(equirect: torch.Tensor) -> torch.Tensor:
+    """Average each row over ``k ~ 1.25/cos(lat)`` neighbouring columns (circularly; rows with ``k = 1`` untouched).
+
+    An equirectangular row at latitude ``lat`` packs its W columns into a circle ``cos(lat)`` times the equator's, so
+    near the poles a perspective view samples only a few of them and its adjoint (the scatter) would leave the others
+    with zero weight. Prefiltering to the equator's resolution is the antialiasing that sampling needs there; as a
+    linear operator it keeps extract and scatter exact adjoints, and every column of every row gets covered.
+    """
+    h, w = equirect.shape[-2:]
+    half = _pole_half_widths(h, w)
+    if int(half.max()) == 0:
+        return equirect
+    m = int(half.max())
+    x = equirect.to(torch.float64)
+    padded = torch.cat([x[..., w - m :], x, x[..., :m]], dim=-1)
+    csum = torch.nn.functional.pad(padded.cumsum(-1), (1, 0))
+    cols = torch.arange(w)[None, :] + m
+    hi = (cols + half[:, None] + 1).expand(h, w)
+    lo = (cols - half[:, None]).expand(h, w)
+    shape = (*x.shape[:-2], h, w)
+    hi, lo = hi.to(x.device).expand(shape), lo.to(x.device).expand(shape)
+    box = (csum.gather(-1, hi) - csum.gather(-1, lo)) / (2 * half[:, None].to(x) + 1)
+    rows = (half > 0).to(x.device)[:, None]
+    return torch.where(rows, box, x).to(equirect.dtype)
+
+
+POLE_FILTER_MARGIN = 1.25
+"""Box width ``k = round(margin / cos(lat))``: 25% over the equator-equivalent width, so rounding leaves no gap
+(measured: cube maps and rings with poles at 8-64 px faces on 16x32 to 128x256 canvases cover every pixel)."""
+
+
+def _pole_half_widths(h: int, w: int) -> torch.Tensor:
+    lat = math.pi / 2 - (torch.arange(h, dtype=torch.float64) + 0.5) / h * math.pi
+    k = (POLE_FILTER_MARGIN / lat.cos()).clamp(max=w)
+    return ((k - 1) / 2).round().long().clamp(0, (w - 1) // 2)
+
+
+def sample_perspective(equirect: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Project an equirectangular tensor [B, C, H, 2H] through a precomputed grid (seam wraps by padding a column).
+
+    ``mode``: ``bilinear`` or ``nearest`` (each view pixel copies one canvas pixel, as SyncTweedies remaps)."""
     padded = torch.cat([equirect[..., -1:], equirect, equirect[..., :1]], dim=-1)
     w = equirect.shape[-1]
     g = grid.clone()
     g[..., 0] = g[..., 0] * w / (w + 2)  # the padded image spans one extra pixel each side
     return torch.nn.functional.grid_sample(padded, g.expand(equirect.shape[0], -1, -1, -1).to(equirect.dtype),
-                                           mode="bilinear", padding_mode="border", align_corners=False)
+                                           mode=mode, padding_mode="border", align_corners=False)
 
 
-def scatter_perspective(view: torch.Tensor, grid: torch.Tensor, canvas_hw: tuple[int, int]) -> torch.Tensor:
+def adjoint(project, view: torch.Tensor, canvas_hw: tuple[int, int]) -> torch.Tensor:
+    """Exact adjoint of a linear projection ``project`` (canvas -> view) applied to ``view``, through autograd."""
+    x = torch.zeros(view.shape[0], view.shape[1], *canvas_hw, dtype=view.dtype, device=view.device,
+                    requires_grad=True)
+    with torch.enable_grad():
+        (out,) = torch.autograd.grad(project(x), x, grad_outputs=view.detach())
+    return out
+
+
+def scatter_perspective(view: torch.Tensor, grid: torch.Tensor, canvas_hw: tuple[int, int],
+                        mode: str = "bilinear") -> torch.Tensor:
     """Exact adjoint of `sample_perspective` (unprojection): <sample(x), y> == <x, scatter(y)> for all x, y.
 
     Scattering ones gives the per-pixel sampling density, the weight a merger divides by.
     """
-    x = torch.zeros(view.shape[0], view.shape[1], *canvas_hw, dtype=view.dtype, requires_grad=True)
-    with torch.enable_grad():
-        (out,) = torch.autograd.grad(sample_perspective(x, grid), x, grad_outputs=view.detach())
-    return out
+    return adjoint(lambda x: sample_perspective(x, grid, mode), view, canvas_hw)
 
 
 CUBE_FACES = {"front": (0.0, 0.0), "right": (90.0, 0.0), "back": (180.0, 0.0), "left": (-90.0, 0.0),

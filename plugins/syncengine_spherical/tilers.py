@@ -8,7 +8,7 @@ from syncengine.tiler import Tiler
 from syncengine.views import CanvasSpec
 
 from . import geometry
-from .views import ProjectedView
+from .views import SAMPLING, ProjectedView
 
 
 def _check_equirect(canvas: CanvasSpec) -> None:
@@ -17,9 +17,15 @@ def _check_equirect(canvas: CanvasSpec) -> None:
                                     f"set canvas.width to {2 * canvas.height}")
 
 
-def _view(index: int, size: int, fov: float, yaw: float, pitch: float) -> ProjectedView:
+def _check_sampling(sampling: str) -> None:
+    if sampling not in SAMPLING:
+        raise ConfigError("tiler.sampling", f"{sampling!r} is not one of {', '.join(SAMPLING)}")
+
+
+def _view(index: int, size: int, fov: float, yaw: float, pitch: float, sampling: str) -> ProjectedView:
     grid = geometry.equirect_to_perspective_grid(size, size, fov, yaw, pitch)
-    return ProjectedView(index, grid=grid, context={"camera": {"yaw": yaw, "pitch": pitch, "roll": 0.0, "fov": fov}})
+    return ProjectedView(index, grid=grid, sampling=sampling,
+                         context={"camera": {"yaw": yaw, "pitch": pitch, "roll": 0.0, "fov": fov}})
 
 
 @dataclass
@@ -29,6 +35,7 @@ class PerspectiveConfig:
     views_per_ring: int = 8  # yaw step = 360 / views_per_ring
     pitches: list[float] = field(default_factory=lambda: [0.0])  # one ring per pitch (degrees)
     poles: bool = False  # add straight-up and straight-down views
+    sampling: str = "bilinear"  # bilinear (pole-prefiltered, covers every pixel) | nearest (SyncTweedies remap)
 
 
 class PerspectiveTiler(Tiler):
@@ -42,17 +49,19 @@ class PerspectiveTiler(Tiler):
         _check_equirect(canvas)
         if not 0 < self.config.fov < 180:
             raise ConfigError("tiler.fov", f"must be in (0, 180) degrees, got {self.config.fov}")
+        _check_sampling(self.config.sampling)
 
     def views(self, canvas: CanvasSpec) -> list[ProjectedView]:
         c, size = self.config, self.config.window // canvas.latent_factor
         cams = [(k * 360.0 / c.views_per_ring, p) for p in c.pitches for k in range(c.views_per_ring)]
         cams += [(0.0, 90.0), (0.0, -90.0)] if c.poles else []
-        return [_view(i, size, c.fov, yaw, pitch) for i, (yaw, pitch) in enumerate(cams)]
+        return [_view(i, size, c.fov, yaw, pitch, c.sampling) for i, (yaw, pitch) in enumerate(cams)]
 
 
 @dataclass
 class CubemapConfig:
     window: int = 512  # face size in pixels
+    sampling: str = "bilinear"  # bilinear (pole-prefiltered, covers every pixel) | nearest (SyncTweedies remap)
 
 
 class CubemapTiler(Tiler):
@@ -66,12 +75,13 @@ class CubemapTiler(Tiler):
 
     def validate(self, canvas: CanvasSpec) -> None:
         _check_equirect(canvas)
+        _check_sampling(self.config.sampling)
 
     def views(self, canvas: CanvasSpec) -> list[ProjectedView]:
         size = self.config.window // canvas.latent_factor
         out = []
         for i, (name, (yaw, pitch)) in enumerate(geometry.CUBE_FACES.items()):
-            v = _view(i, size, 90.0, yaw, pitch)
+            v = _view(i, size, 90.0, yaw, pitch, self.config.sampling)
             v.context["face"] = name
             out.append(v)
         return out
