@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(OmegaConf.to_yaml(resolved.config), end="")
             return 0
-        _notice_tiny(resolved)
-        from .lightning_module import run
+        from .lightning_module import launched_rank, run
+
+        if launched_rank() == 0:  # a multi-process run re-runs this command once per rank: say it once
+            _notice_tiny(resolved)
 
         summary = run(resolved)
     except SyncEngineError as exc:
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: images already written are kept", file=sys.stderr)
         return 130
+    if not summary.primary:  # rank 0 of a multi-process run reports every rank's outputs and failures
+        return 0
     for path in summary.written:
         print(f"wrote {path} (+ {path.with_suffix('.json').name})")
     for name, error in summary.failed:

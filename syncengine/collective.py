@@ -6,7 +6,8 @@ step. The anchor's target is computed by its owner and broadcast.
 """
 from __future__ import annotations
 
-from typing import Sequence, TypeVar
+import time
+from typing import Any, Sequence, TypeVar
 
 import torch
 
@@ -20,7 +21,15 @@ class Collective:
     world_size: int = 1
 
     def __init__(self) -> None:
-        self.stats = {"all_reduce_calls": 0, "all_reduce_bytes": 0, "broadcast_calls": 0}
+        self.stats: dict[str, Any] = {}
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        """Zero the counters; the Lightning module calls it before each request, so a sidecar's ``stats`` count that
+        request's collectives only. ``seconds_*`` is wall time inside the collective: transfer plus waiting for the
+        slowest rank (load imbalance shows up there)."""
+        self.stats = {"all_reduce_calls": 0, "all_reduce_bytes": 0, "broadcast_calls": 0, "broadcast_bytes": 0,
+                      "seconds_all_reduce": 0.0, "seconds_broadcast": 0.0}
 
     def owned(self, items: Sequence[T]) -> list[T]:
         return list(items)
@@ -70,10 +79,12 @@ class TorchDistributedCollective(Collective):
 
     def all_reduce_(self, tensors: Sequence[torch.Tensor]) -> None:
         # One flat buffer: one collective per step, whatever the number of merged quantities.
+        t0 = time.perf_counter()
         flat = torch.cat([t.reshape(-1) for t in tensors])
         self._dist.all_reduce(flat)
         self.stats["all_reduce_calls"] += 1
         self.stats["all_reduce_bytes"] += flat.numel() * flat.element_size()
+        self.stats["seconds_all_reduce"] += time.perf_counter() - t0
         offset = 0
         for t in tensors:
             n = t.numel()
@@ -81,8 +92,10 @@ class TorchDistributedCollective(Collective):
             offset += n
 
     def broadcast_(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        t0 = time.perf_counter()
         tensor = tensor.contiguous()
         self._dist.broadcast(tensor, src=src)
         self.stats["broadcast_calls"] += 1
-        self.stats["broadcast_bytes"] = self.stats.get("broadcast_bytes", 0) + tensor.numel() * tensor.element_size()
+        self.stats["broadcast_bytes"] += tensor.numel() * tensor.element_size()
+        self.stats["seconds_broadcast"] += time.perf_counter() - t0
         return tensor

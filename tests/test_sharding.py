@@ -1,0 +1,262 @@
+"""Multi-process runs: 2 CPU processes (gloo) launched by Lightning's ``ddp`` strategy from the CLI.
+
+``shard=windows`` must give the single-process image and latents; ``shard=requests`` must write every request exactly
+once when the count does not divide by the ranks; a bad request is reported by rank 0 and skipped; the collectives
+of each request are counted in its sidecar and must match the formula in docs/sharding.md.
+
+Tolerance: the 2-process run sums the views' contributions in another order (two partial canvases, then the
+all-reduce), and batches the views differently, so floats differ in the last bits; over a few steps this stays below
+1e-4 on the latents and 1/255 on the PNG (one rounding step).
+
+Run as a script (``python tests/test_sharding.py generate SPEC ...``) this file is the CLI plus one addition: each
+finished request's latents are saved next to its PNG (``<name>.latents.pt``), so the test can compare them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = Path(__file__).resolve()
+LATENT_TOL = 1e-4
+
+# Panorama with sync on: 4 views of 8x8 latents (64 px) on a 64x160 canvas; 2 ranks own views [0, 1] and [2, 3],
+# so the anchor (center: view 2) is computed on rank 1 and broadcast to rank 0. Sync on steps 1 and 3 (every=2).
+PANORAMA = ["canvas.height=64", "canvas.width=160", "tiler.window=64", "tiler.stride=32", "sampler.steps=4",
+            "sampler.view_batch_size=2", "sync.weight=20", "sync.every=2"]
+# 360 perspective ring (8 views + 2 poles, projected views) with sync on.
+SPHERICAL = ["canvas.height=64", "canvas.width=128", "tiler.window=32", "sampler.steps=2", "sync.weight=5"]
+
+
+def saving_latents_too(write):
+    """``write_result`` that also saves the latents of each output it writes."""
+
+    def write_result(result, output_dir, overwrite=False):
+        png = write(result, output_dir, overwrite)
+        torch.save(result.latents, png.with_suffix(".latents.pt"))
+        return png
+
+    return write_result
+
+
+if __name__ == "__main__":  # Lightning's ddp launcher re-runs this same command line for rank 1
+    from syncengine import lightning_module
+    from syncengine.cli import main
+
+    lightning_module.write_result = saving_latents_too(lightning_module.write_result)
+    sys.exit(main(sys.argv[1:]))
+
+
+# ------------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    """The tiny demo model, built once here so that the two ranks never build it concurrently."""
+    root = os.environ.get("SYNCENGINE_CACHE") or str(tmp_path_factory.mktemp("secache"))
+    old = os.environ.get("SYNCENGINE_CACHE")
+    os.environ["SYNCENGINE_CACHE"] = root
+    try:
+        from syncengine_sd.tiny import tiny_model_path
+
+        tiny_model_path()
+    finally:
+        if old is None:
+            del os.environ["SYNCENGINE_CACHE"]
+    return root
+
+
+def cli(cache: str, *args: str, script: bool = False, timeout: int = 240) -> subprocess.CompletedProcess:
+    """``syncengine generate ... runtime.devices=2`` in a fresh process (rank 0; Lightning starts rank 1)."""
+    entry = [str(SCRIPT)] if script else ["-m", "syncengine"]
+    env = {**os.environ, "SYNCENGINE_CACHE": cache, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.run([sys.executable, *entry, "generate", *args, "runtime.progress=false"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def single_process(cache, monkeypatch, spec: str, overrides: list[str], prompts: Path | None = None) -> Path:
+    """The same spec in this process, one device: the reference."""
+    from syncengine import lightning_module
+    from syncengine.api import generate
+
+    monkeypatch.setenv("SYNCENGINE_CACHE", cache)
+    monkeypatch.setattr(lightning_module, "write_result", saving_latents_too(lightning_module.write_result))
+    summary = generate(spec, overrides, prompts)
+    assert summary.ok and summary.written
+    return summary.written[0].parent
+
+
+def assert_same_output(one: Path, two: Path, name: str) -> dict:
+    from PIL import Image
+
+    a = np.asarray(Image.open(one / f"{name}.png")).astype(int)
+    b = np.asarray(Image.open(two / f"{name}.png")).astype(int)
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() <= 1, f"{name}: PNG differs by {np.abs(a - b).max()} levels"
+    la, lb = torch.load(one / f"{name}.latents.pt"), torch.load(two / f"{name}.latents.pt")
+    assert (la - lb).abs().max().item() < LATENT_TOL
+    return json.loads((two / f"{name}.json").read_text())
+
+
+def expected_collectives(meta: dict, channels: int = 4) -> dict:
+    """docs/sharding.md, "Bytes per step": one all-reduce per step of (C+1)*H*W fp32 values (noise sum + weight),
+    twice that on sync steps (the window sum + weight too); one broadcast of the anchor's decoded image (3*h*w fp32)
+    per sync step and sync group."""
+    spec = meta["spec"]
+    f = 8
+    h, w = spec["canvas"]["height"] // f, spec["canvas"]["width"] // f
+    steps, sync = spec["sampler"]["steps"], spec["sync"]
+    weights = [sync["weight"] * sync["decay"] ** i if (i + 1) % sync["every"] == 0 else 0.0 for i in range(steps)]
+    sync_steps = sum(1 for x in weights if x > 0)
+    window = spec["tiler"]["window"]
+    return {
+        "all_reduce_calls": steps,
+        "all_reduce_bytes": (channels + 1) * h * w * 4 * (steps + sync_steps),
+        "broadcast_calls": sync_steps,
+        "broadcast_bytes": sync_steps * 3 * window * window * 4,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ multi-process
+
+
+def test_windows_panorama_with_sync_equals_one_process_and_skips_a_bad_request(cache, tmp_path, monkeypatch):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        '{"prompt": "a mountain range", "seed": 0, "name": "pano"}\n'
+        '{"prompt": "broken", "name": "bad", "overrides": {"denoiser.pretrained": "/no/such/model"}}\n'
+        '{"prompt": "a lake", "seed": 7, "name": "pano2"}\n'
+    )
+    two = tmp_path / "two"
+    run = cli(cache, "configs/demo.yaml", "--prompts", str(prompts), *PANORAMA, "runtime.devices=2",
+              "runtime.strategy=ddp", "runtime.shard=windows", f"runtime.output_dir={two}", script=True)
+    assert run.returncode == 2, run.stderr[-3000:]  # a failed request makes the run exit non-zero...
+    assert "failed bad" in run.stderr and "2 written, 1 failed" in run.stderr  # ...reported once, by rank 0
+    assert run.stderr.count(" written, ") == 1 and run.stdout.count("wrote") == 2
+    assert sorted(p.name for p in two.glob("*.png")) == ["pano.png", "pano2.png"]  # finished outputs stay
+
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(line for line in prompts.read_text().splitlines() if "broken" not in line) + "\n")
+    one = single_process(cache, monkeypatch, "configs/demo.yaml", [*PANORAMA, f"runtime.output_dir={tmp_path / 'one'}",
+                         "runtime.progress=false"], good)
+    for name in ("pano", "pano2"):
+        meta = assert_same_output(one, two, name)
+        assert meta["stats"]["owned_views"] == 2 and meta["stats"]["views"] == 4
+        counted = {k: meta["stats"][k] for k in ("all_reduce_calls", "all_reduce_bytes", "broadcast_calls",
+                                                 "broadcast_bytes")}
+        assert counted == expected_collectives(meta)  # per request, not cumulative over the run
+
+
+def test_windows_spherical_ring_equals_one_process(cache, tmp_path, monkeypatch):
+    two = tmp_path / "two"
+    run = cli(cache, "configs/spherical-demo.yaml", *SPHERICAL, "runtime.devices=2", "runtime.shard=windows",
+              f"runtime.output_dir={two}", script=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = single_process(cache, monkeypatch, "configs/spherical-demo.yaml",
+                         [*SPHERICAL, f"runtime.output_dir={tmp_path / 'one'}", "runtime.progress=false"])
+    meta = assert_same_output(one, two, "spherical-demo")
+    assert meta["stats"]["views"] == 10 and meta["stats"]["owned_views"] == 5
+    assert meta["stats"]["all_reduce_calls"] == 2 and meta["stats"]["broadcast_calls"] == 2
+
+
+def test_requests_shard_writes_each_of_three_requests_once(cache, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "scene {i}", "seed": {i}, "name": "r{i}"}}\n' for i in range(3)))
+    out = tmp_path / "out"
+    run = cli(cache, "configs/demo.yaml", "--prompts", str(prompts), "canvas.height=64", "canvas.width=128",
+              "tiler.window=64", "tiler.stride=32", "sampler.steps=1", "runtime.devices=2", "runtime.shard=requests",
+              f"runtime.output_dir={out}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"r{i}.{ext}" for i in range(3) for ext in ("json", "png"))
+    assert run.stdout.count("wrote") == 3 and "3 written, 0 failed" in run.stderr  # rank 0 lists rank 1's too
+    for i in range(3):
+        meta = json.loads((out / f"r{i}.json").read_text())
+        assert meta["seed"] == i and meta["stats"]["owned_views"] == meta["stats"]["views"]  # whole requests
+        assert meta["stats"]["all_reduce_calls"] == 0
+
+
+# --------------------------------------------------------------------------------------------------- in process
+
+
+@pytest.mark.parametrize("count", range(0, 8))
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_request_indices_cover_every_request_once(count, world):
+    from syncengine.lightning_module import rank_indices
+
+    got = [i for r in range(world) for i in rank_indices(count, "requests", r, world)]
+    assert sorted(got) == list(range(count))
+    assert all(rank_indices(count, "windows", r, world) == list(range(count)) for r in range(world))
+
+
+def test_balanced_view_shares():
+    from syncengine.collective import balanced_slices
+
+    for count in range(0, 12):
+        for world in range(1, 5):
+            shares = balanced_slices(count, world)
+            assert [i for s in shares for i in s] == list(range(count))
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_summaries_merge_in_request_order():
+    from syncengine.lightning_module import RunSummary
+
+    a, b = RunSummary(), RunSummary()
+    a.written, a._order = [Path("o/r0.png"), Path("o/r2.png")], {"o/r0.png": 0, "o/r2.png": 2}
+    b.failed, b._order = [("r1", "boom")], {repr(("r1", "boom")): 1}
+    b.written, b._order["o/r3.png"] = [Path("o/r3.png")], 3
+    a.merge([a, b])
+    assert a.written == [Path("o/r0.png"), Path("o/r2.png"), Path("o/r3.png")] and a.failed == [("r1", "boom")]
+
+
+def test_launched_rank_reads_launcher_variables(monkeypatch):
+    from syncengine.lightning_module import launched_rank
+
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert launched_rank() == 0
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert launched_rank() == 1
+    monkeypatch.setenv("RANK", "0")
+    assert launched_rank() == 0
+
+
+def test_spawn_launchers_are_refused(tiny_spec):
+    from syncengine.config import validate
+    from syncengine.errors import ConfigError
+    from syncengine.lightning_module import OutputWriter, _check_launcher, make_trainer
+
+    resolved = validate(tiny_spec(runtime={"accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn"}))
+    trainer = make_trainer(resolved, OutputWriter("unused", False, "windows"))
+    with pytest.raises(ConfigError, match="runtime.strategy"):
+        _check_launcher(trainer)
+
+
+def test_collective_counts_a_real_all_reduce(tmp_path):
+    """One gloo process: the counters of the flattened all-reduce and the broadcast match the tensors' sizes."""
+    import torch.distributed as dist
+
+    from syncengine.collective import TorchDistributedCollective
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        c = TorchDistributedCollective()
+        a, b = torch.ones(1, 4, 3, 5), torch.full((1, 1, 3, 5), 2.0)
+        c.all_reduce_([a, b])
+        assert torch.equal(a, torch.ones(1, 4, 3, 5)) and torch.equal(b, torch.full((1, 1, 3, 5), 2.0))
+        c.broadcast_(torch.zeros(1, 3, 8, 8), 0)
+        assert c.stats["all_reduce_calls"] == 1 and c.stats["all_reduce_bytes"] == (4 + 1) * 15 * 4
+        assert c.stats["broadcast_calls"] == 1 and c.stats["broadcast_bytes"] == 3 * 64 * 4
+        c.reset_stats()
+        assert c.stats["all_reduce_calls"] == 0 and c.stats["broadcast_bytes"] == 0
+    finally:
+        dist.destroy_process_group()
