@@ -11,7 +11,8 @@ official key prefix                 loaded into
 ``vae.``                            the VAE (diffusers 0.16 attention names ``query/key/value/proj_attn``
                                     renamed to ``to_q/to_k/to_v/to_out.0``)
 ``text_encoder.``                   the CLIP text encoder (``position_ids``, a buffer older transformers
-                                    saved, is dropped)
+                                    saved, is dropped; the ``text_model.`` level is dropped where the
+                                    installed transformers has none)
 ==================================  ====================================================================
 
 The UNet and the blocks must match exactly (missing, unexpected and wrongly shaped keys are listed in one error);
@@ -35,7 +36,7 @@ BLOCKS_FOLDER = "correspondence_attention"  # inside a pipeline folder saved by 
 FORMAT = "syncengine-mvdiffusion"
 PREFIXES = {"unet": "mv_base_model.unet.", "blocks": "mv_base_model.", "vae": "vae.", "text_encoder": "text_encoder."}
 LEGACY_VAE_NAMES = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
-IGNORED = {"text_encoder": {"text_model.embeddings.position_ids"}}
+IGNORED = {"text_encoder": {"text_model.embeddings.position_ids", "embeddings.position_ids"}}
 HOW_TO_GET = (f"download the official panorama checkpoint pano.ckpt ({OFFICIAL_URL}, MVDiffusion's README, "
               f"'Model Zoo') and set denoiser.checkpoint to its path, with denoiser.pretrained the SD 2 base model "
               f"(stabilityai/stable-diffusion-2-base, a hub id or a local diffusers folder)")
@@ -136,6 +137,13 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str, ke
     module.load_state_dict(state, strict=True)
 
 
+def _match_text_level(state: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+    """transformers 4 named the CLIP text encoder's weights ``text_model.*``; transformers 5 has no such level."""
+    if any(k.startswith("text_model.") for k in module.state_dict()):
+        return state
+    return {k.removeprefix("text_model."): v for k, v in state.items()}
+
+
 def load_official(path: Path, unet: nn.Module, blocks: nn.Module, vae: nn.Module, text_encoder: nn.Module,
                   trust: bool = False) -> dict[str, int]:
     """Load the official checkpoint into our modules; returns how many tensors each component took."""
@@ -144,6 +152,7 @@ def load_official(path: Path, unet: nn.Module, blocks: nn.Module, vae: nn.Module
     hint = ". The official panorama checkpoint needs denoiser.pretrained: stabilityai/stable-diffusion-2-base"
     load_strict(unet, parts["unet"], what, key, PREFIXES["unet"], extra=unexpected, hint=hint)
     load_strict(blocks, parts["blocks"], what, key, PREFIXES["blocks"], hint=hint)
+    parts["text_encoder"] = _match_text_level(parts["text_encoder"], text_encoder)
     for name, module in (("vae", vae), ("text_encoder", text_encoder)):
         if parts[name]:
             load_strict(module, parts[name], what, key, PREFIXES[name], ignore=IGNORED.get(name, set()), hint=hint)

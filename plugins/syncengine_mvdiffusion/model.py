@@ -59,6 +59,8 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(dim, inner, bias=False)
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.Linear(inner, dim)
+        nn.init.zeros_(self.to_out.weight)  # zero output: a new block starts as the identity (official init)
+        nn.init.zeros_(self.to_out.bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         def split(t):
@@ -82,6 +84,8 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+        nn.init.zeros_(self.net[2].weight)
+        nn.init.zeros_(self.net[2].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -20,14 +20,19 @@ def randomize(blocks: CorrespondenceBlocks, seed: int = 0, std: float = 0.3) -> 
     return blocks
 
 
-def build_tiny_mvdiffusion(path: str | Path, seed: int = 0) -> Path:
-    """Build the tiny SD pipeline into ``path`` and add random correspondence blocks; returns ``path``."""
+def add_random_blocks(path: str | Path, seed: int = 0) -> Path:
+    """Add random correspondence blocks to a saved SD pipeline folder (its UNet fixes their sizes)."""
     from diffusers import UNet2DConditionModel
 
-    from syncengine_sd.tiny import build_tiny_pipeline
-
-    path = Path(build_tiny_pipeline(path, seed=seed))
+    path = Path(path)
     torch.manual_seed(seed)
     blocks = randomize(CorrespondenceBlocks(UNet2DConditionModel.from_pretrained(str(path / "unet"))), seed)
     save_blocks(blocks, path)
     return path
+
+
+def build_tiny_mvdiffusion(path: str | Path, seed: int = 0) -> Path:
+    """Build the tiny SD pipeline into ``path`` and add random correspondence blocks; returns ``path``."""
+    from syncengine_sd.tiny import build_tiny_pipeline
+
+    return add_random_blocks(build_tiny_pipeline(path, seed=seed), seed)
