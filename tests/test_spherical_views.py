@@ -19,7 +19,7 @@ def test_projected_view_extract_and_scatter_are_adjoint():
 
 def test_projected_unit_noise_loses_variance():
     # Measured: bilinear projection of N(0, 1) latent noise (64x128 canvas, 32x32 90° view) has variance ~0.5, the
-    # reason the x0 (SyncTweedies) merge target exists. x0-target variance test: pending with the x0 sampler branch.
+    # reason the x0 (SyncTweedies) merge target exists (its variance: tests/test_spherical_x0.py).
     torch.manual_seed(0)
     x = torch.randn(1, 4, 64, 128)
     v = ProjectedView(0, grid=g.equirect_to_perspective_grid(32, 32, 90.0, yaw_deg=30.0, pitch_deg=0.0)).extract(x)
