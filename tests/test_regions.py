@@ -21,7 +21,7 @@ from syncengine_regions.views import Backgrounds, RegionView
 
 def regions_spec(tiny_spec, regions=None, sampler=None, sync=None, **tiler):
     options = {"name": "regions", "window": 64, "stride": 32, "regions": regions or [], **tiler}
-    return tiny_spec(tiler=options, sampler={"view_batch_size": 1, **(sampler or {})}, **({"sync": sync} if sync else {}))
+    return tiny_spec(tiler=options, sampler={"view_batch_size": 4, **(sampler or {})}, **({"sync": sync} if sync else {}))
 
 
 def latents(spec) -> torch.Tensor:
@@ -35,7 +35,7 @@ def test_one_region_covering_the_canvas_equals_the_plain_panorama(tiny_spec, tmp
     layout = tmp_path / "one.png"
     Image.new("RGB", (4, 2), "#123456").save(layout)
     sync = {"weight": weight}
-    plain = latents(tiny_spec(sync=sync, sampler={"view_batch_size": 1, "steps": 2}))
+    plain = latents(tiny_spec(sync=sync, sampler={"view_batch_size": 4, "steps": 2}))
     whole = [{"mask": {"rect": [0, 0, 1.0, 1.0]}, "prompt": "a photo of a mountain", "sync": True}]
     assert torch.equal(latents(regions_spec(tiny_spec, whole, sampler={"steps": 2}, sync=sync)), plain)
     if weight == 0:
@@ -64,7 +64,7 @@ def test_a_region_prompt_changes_only_what_its_windows_can_reach(tiny_spec):
     from there a change spreads by one window per step through the views that read it. Outside that closure the
     latents are bit-identical (hard mask, no feathering, sync off), and inside the mask they do change."""
     regions = [{"mask": {"rect": [0, 0, 64, 16]}, "prompt": "a red car"}]
-    spec = regions_spec(tiny_spec, regions, sampler={"steps": 2}, bootstrap=0.5)
+    spec = regions_spec(tiny_spec, regions, sampler={"steps": 2, "view_batch_size": 1}, bootstrap=0.5)
     spec["canvas"] = {"height": 64, "width": 256}
     base = latents(spec)
     spec["tiler"]["regions"][0]["prompt"] = "a blue boat"
@@ -123,7 +123,7 @@ def test_bootstrapping_acts_in_a_run(tiny_spec):
 def test_a_region_seed_redraws_the_initial_noise_inside_the_region_only(tiny_spec):
     regions = [{"mask": {"rect": [0, 40, 64, 48]}, "prompt": "a red car", "seed": 11},
                {"mask": {"rect": [0, 120, 64, 40]}, "prompt": "a dog"}]
-    resolved = resolve(regions_spec(tiny_spec, regions))
+    resolved = resolve(regions_spec(tiny_spec, regions, sampler={"steps": 1}))
     tiler, canvas = resolved.build("tiler"), resolved.canvas
     request = torch.randn(canvas.latent_shape(), generator=torch.Generator().manual_seed(0))
     noise = tiler.initial_noise(request.clone(), canvas, 0)
@@ -138,7 +138,7 @@ def test_a_region_seed_redraws_the_initial_noise_inside_the_region_only(tiny_spe
     from syncengine.sync import SyncSchedule
 
     sampler = JointSampler(pipe.denoiser_for(resolved), tiler.views(canvas), resolved.build("merger"), None,
-                           SyncSchedule(0.0), SamplerOptions(steps=3, view_batch_size=1))
+                           SyncSchedule(0.0), SamplerOptions(steps=1, view_batch_size=4))
     reference = sampler.sample(Request("a photo of a mountain"), canvas, noise=noise).latents
     assert torch.equal(ours, reference)
     # the request's own seed as a region seed changes nothing
@@ -185,10 +185,10 @@ def test_bad_input_exits_2_with_one_line(tiny_spec, tmp_path, layout_file, capsy
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
 
 
-def test_demo_preset_runs_shrunk(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("SYNCENGINE_CACHE", str(tmp_path / "cache"))
+def test_demo_preset_runs_shrunk(tmp_path, capsys):
+    """The preset as shipped (the built-in tiny model, from SYNCENGINE_CACHE), shrunk by overrides."""
     out = tmp_path / "demo"
-    code = main(["generate", "regions-demo", "sampler.steps=2", "canvas.height=128", "canvas.width=384",
+    code = main(["generate", "regions-demo", "sampler.steps=1", "canvas.height=128", "canvas.width=384",
                  "tiler.window=128", "tiler.stride=64", "tiler.feather=4", "denoiser.pretrained=syncengine:tiny-random",
                  f"runtime.output_dir={out}"])
     captured = capsys.readouterr()
@@ -196,7 +196,7 @@ def test_demo_preset_runs_shrunk(tmp_path, monkeypatch, capsys):
     image = np.asarray(Image.open(out / "regions-demo.png"))
     assert image.shape == (128, 384, 3)
     meta = json.load(open(out / "regions-demo.json"))
-    assert meta["spec"]["tiler"]["name"] == "regions" and meta["stats"]["sync_steps"] == 2
+    assert meta["spec"]["tiler"]["name"] == "regions" and meta["stats"]["sync_steps"] == 1
     assert meta["stats"]["views"] > 5  # background windows plus the region windows
 
 
