@@ -291,7 +291,7 @@ def test_missing_weights_say_how_to_get_them(tiny_sd, tmp_path):
 
 
 def shrunk(tiny_mv, tmp_path, *more):
-    return ["canvas.height=64", "canvas.width=128", "tiler.window=64", f"denoiser.pretrained={tiny_mv}",
+    return ["canvas.height=64", "canvas.width=128", "tiler.window=32", f"denoiser.pretrained={tiny_mv}",
             "denoiser.checkpoint=null", "sync.loss.net=alex", "sync.loss.backbone=random", "sampler.steps=2",
             "runtime.accelerator=cpu", "runtime.progress=false", f"runtime.output_dir={tmp_path / 'out'}", *more]
 
@@ -322,5 +322,5 @@ def test_views_without_cameras_are_refused(tiny_mv, tmp_path):
     from syncengine.api import generate
 
     summary = generate("configs/mvdiffusion-panorama.yaml", shrunk(
-        tiny_mv, tmp_path, "sync.weight=0", "tiler.name=sliding", "tiler.stride=32"))
+        tiny_mv, tmp_path, "sync.weight=0", "tiler.name=sliding", "tiler.stride=16"))
     assert len(summary.failed) == 1 and "needs views with a camera" in summary.failed[0][1]
