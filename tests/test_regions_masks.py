@@ -165,3 +165,17 @@ def test_layout_shorthand_expands_to_one_region_per_colour(tmp_path):
     assert torch.equal(regions[0].pixels, load_mask(MaskConfig(layout=path, color="#ff0000"), H, W, "k"))
     with pytest.raises(ConfigError, match="has no prompt"):
         RegionsTiler(RegionsConfig(window=64, stride=32, layout=path, prompts={"#ff0000": "balloon"})).validate(CanvasSpec(H, W))
+
+
+def test_sync_groups_background_and_syncing_regions_each_get_an_anchor():
+    from syncengine.sampler import JointSampler, SamplerOptions
+    from syncengine.sync import SyncSchedule
+
+    t = tiler([{"mask": {"rect": [0, 0, 64, 40]}, "prompt": "a"},
+               {"mask": {"rect": [0, 64, 64, 64]}, "prompt": "b", "sync": True}])
+    views = t.views(CanvasSpec(H, W))
+    groups = JointSampler(None, views, AverageMerger(), None, SyncSchedule(1.0), SamplerOptions()).groups
+    assert set(groups) == {"background", "region-1"}
+    anchor, members = groups["background"]
+    assert [v.left for v in members] == [0, 4] and anchor is members[1]  # the window at 8 lies under b alone: skipped
+    assert all(v.context["region"] == 1 for v in groups["region-1"][1])
