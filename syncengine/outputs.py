@@ -43,6 +43,17 @@ def to_pil(image: torch.Tensor):
     return Image.fromarray(array)
 
 
+def png_info(metadata: dict[str, Any]):
+    """PNG text chunks for an image's metadata: an XMP packet (``metadata["xmp"]``, e.g. 360° projection) goes in
+    the iTXt chunk ``XML:com.adobe.xmp``, where XMP readers (photo-sphere viewers included) look for it."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if metadata.get("xmp"):
+        info.add_itxt("XML:com.adobe.xmp", metadata["xmp"])
+    return info
+
+
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     write(tmp)
@@ -72,12 +83,13 @@ def write_result(result: Generated, output_dir: str | Path, overwrite: bool = Fa
     folder.mkdir(parents=True, exist_ok=True)
     stem = free_stem(folder, result.request.name, overwrite)
     png = folder / f"{stem}.png"
-    _atomic_write(png, lambda p: to_pil(result.image).save(p, format="PNG"))
+    _atomic_write(png, lambda p: to_pil(result.image).save(p, format="PNG", pnginfo=png_info(result.metadata)))
     extras = {}
     for suffix, image in result.extra_images.items():  # e.g. a ControlNet's condition image, for inspection
         path = folder / f"{stem}.{suffix}.png"
         _atomic_write(path, lambda p, image=image: to_pil(image).save(p, format="PNG"))
         extras[suffix] = path.name
-    meta = sidecar(result, png.name, {"extra_images": extras} if extras else None)
+    meta = sidecar(result, png.name, {**({"extra_images": extras} if extras else {}),
+                                      **result.metadata.get("sidecar", {})})
     _atomic_write(folder / f"{stem}.json", lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
     return png

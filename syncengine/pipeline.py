@@ -32,6 +32,7 @@ class Generated:
     timings: dict[str, float]
     model: dict[str, Any] = field(default_factory=dict)
     extra_images: dict[str, torch.Tensor] = field(default_factory=dict)  # suffix -> [3, H, W] in [0, 1]
+    metadata: dict[str, Any] = field(default_factory=dict)  # "xmp": packet for the PNG; "sidecar": extra JSON keys
 
 
 @dataclass
@@ -140,6 +141,11 @@ class Pipeline:
         t2 = time.perf_counter()
         image = decode_canvas(denoiser, result.latents, tiler.periodic_width, bool(cfg.runtime.tiled_decode))
         timings["decode"] = time.perf_counter() - t2
+        extra, metadata = dict(denoiser.request_images()), {}
+        finish = getattr(tiler, "finish_output", None)  # optional: (extra images, metadata) of the finished image
+        if finish is not None:
+            images, metadata = finish(image[0].cpu(), canvas)
+            extra.update(images)
         timings["total"] = time.perf_counter() - t0
         return Generated(request, index, image[0].cpu(), result.latents.cpu(), spec.to_container(), result.stats,
-                         timings, denoiser.describe(), dict(denoiser.request_images()))
+                         timings, denoiser.describe(), extra, metadata)

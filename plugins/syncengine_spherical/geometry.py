@@ -133,3 +133,80 @@ def scatter_perspective(view: torch.Tensor, grid: torch.Tensor, canvas_hw: tuple
 CUBE_FACES = {"front": (0.0, 0.0), "right": (90.0, 0.0), "back": (180.0, 0.0), "left": (-90.0, 0.0),
               "up": (0.0, 90.0), "down": (0.0, -90.0)}
 """Cube face order and (yaw, pitch) in degrees; each face is a 90° FoV perspective view."""
+
+
+def equirect_directions(h: int, w: int) -> torch.Tensor:
+    """World directions [h, w, 3] (float64) through the pixel centres of an equirectangular image."""
+    lon = (torch.arange(w, dtype=torch.float64) + 0.5) / w * 2 * math.pi - math.pi
+    lat = math.pi / 2 - (torch.arange(h, dtype=torch.float64) + 0.5) / h * math.pi
+    la, lo = torch.meshgrid(lat, lon, indexing="ij")
+    return lonlat_to_direction(lo, la)
+
+
+def perspective_to_equirect_grid(canvas_hw: tuple[int, int], h: int, w: int, fov_deg: float, yaw_deg: float,
+                                 pitch_deg: float, roll_deg: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse mapping: a grid [1, H, W, 2] that samples a perspective view at each equirectangular pixel, and
+    the mask [1, 1, H, W] of the pixels the view sees (1) or not (0)."""
+    cam = equirect_directions(*canvas_hw) @ rotation(yaw_deg, pitch_deg, roll_deg)  # world -> camera (R^T d)
+    f = (w / 2) / math.tan(math.radians(fov_deg) / 2)
+    z = cam[..., 2].clamp_min(1e-9)
+    u, v = cam[..., 0] / z * f + w / 2, -cam[..., 1] / z * f + h / 2
+    mask = (cam[..., 2] > 0) & (u >= 0) & (u <= w) & (v >= 0) & (v <= h)
+    grid = torch.stack([u / w * 2 - 1, v / h * 2 - 1], dim=-1).clamp(-2, 2)
+    return grid.unsqueeze(0).float(), mask[None, None].float()
+
+
+def equirect_from_perspective(view: torch.Tensor, canvas_hw: tuple[int, int], fov_deg: float, yaw_deg: float,
+                              pitch_deg: float, roll_deg: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unproject a perspective view [B, C, h, w] onto an equirectangular canvas by inverse mapping (not the adjoint:
+    every covered pixel gets an interpolated value): returns (image, mask)."""
+    grid, mask = perspective_to_equirect_grid(canvas_hw, view.shape[-2], view.shape[-1], fov_deg, yaw_deg, pitch_deg,
+                                              roll_deg)
+    grid, mask = grid.to(view.device, view.dtype), mask.to(view.device, view.dtype)
+    out = torch.nn.functional.grid_sample(view, grid.expand(view.shape[0], -1, -1, -1), mode="bilinear",
+                                          padding_mode="border", align_corners=False)
+    return out * mask, mask.expand(view.shape[0], 1, -1, -1)
+
+
+def cube_faces(equirect: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
+    """The six 90° faces [B, C, size, size] of an equirectangular tensor, in `CUBE_FACES` order."""
+    return {name: sample_perspective(equirect, equirect_to_perspective_grid(size, size, 90.0, yaw, pitch).to(
+        equirect.device)) for name, (yaw, pitch) in CUBE_FACES.items()}
+
+
+def equirect_from_cube(faces: dict[str, torch.Tensor], height: int) -> torch.Tensor:
+    """Equirectangular [B, C, height, 2*height] from six faces: each pixel reads the one face whose axis is closest
+    to its direction (the cube's faces partition the sphere, so there are no seams to blend)."""
+    d = equirect_directions(height, 2 * height)
+    names = list(CUBE_FACES)
+    axes = torch.stack([rotation(*CUBE_FACES[n])[:, 2] for n in names])  # each face's viewing direction
+    owner = (d @ axes.T).argmax(dim=-1)
+    out = None
+    for k, name in enumerate(names):
+        face = faces[name]
+        grid, _ = perspective_to_equirect_grid((height, 2 * height), face.shape[-2], face.shape[-1], 90.0,
+                                               *CUBE_FACES[name])
+        sampled = torch.nn.functional.grid_sample(face, grid.to(face.device, face.dtype).expand(face.shape[0], -1, -1, -1),
+                                                  mode="bilinear", padding_mode="border", align_corners=False)
+        part = sampled * (owner == k).to(face.device, face.dtype)
+        out = part if out is None else out + part
+    return out
+
+
+DICE = {"up": (0, 1), "left": (1, 0), "front": (1, 1), "right": (1, 2), "back": (1, 3), "down": (2, 1)}
+"""Cube-cross ("dice") layout, 3 rows x 4 columns of faces: (row, column) of each face. The up face's bottom edge
+meets the front face's top edge, the down face's top edge its bottom edge (faces as `cube_faces` renders them)."""
+
+
+def cube_dice(faces: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The six faces in the dice layout [B, C, 3s, 4s]; empty cells are 0."""
+    s = faces["front"].shape[-1]
+    out = faces["front"].new_zeros(*faces["front"].shape[:-2], 3 * s, 4 * s)
+    for name, (row, col) in DICE.items():
+        out[..., row * s : (row + 1) * s, col * s : (col + 1) * s] = faces[name]
+    return out
+
+
+def cube_horizon(faces: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The six faces side by side [B, C, s, 6s] in `CUBE_FACES` order (front, right, back, left, up, down)."""
+    return torch.cat([faces[name] for name in CUBE_FACES], dim=-1)

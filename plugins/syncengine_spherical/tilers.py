@@ -3,11 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from syncengine.errors import ConfigError
 from syncengine.tiler import Tiler
 from syncengine.views import CanvasSpec
 
 from . import geometry
+from .outputs import ExportConfig, check_export, finish
 from .views import SAMPLING, ProjectedView
 
 
@@ -28,8 +31,28 @@ def _view(index: int, size: int, fov: float, yaw: float, pitch: float, sampling:
                          context={"camera": {"yaw": yaw, "pitch": pitch, "roll": 0.0, "fov": fov}})
 
 
+class SphericalTiler(Tiler):
+    """Shared by the spherical tilers: the ±180° seam wraps, and the finished image gets its 360° outputs."""
+
+    spec_name = ""  # the tiler's registered name, recorded in the sidecar
+
+    @property
+    def periodic_width(self) -> bool:
+        return True
+
+    def validate(self, canvas: CanvasSpec) -> None:
+        _check_equirect(canvas)
+        _check_sampling(self.config.sampling)
+        check_export(self.config)
+
+    def finish_output(self, image: torch.Tensor, canvas: CanvasSpec):
+        """Extra images and metadata of a finished equirectangular image (the pipeline's optional tiler hook)."""
+        cameras = [v.context["camera"] for v in self.views(canvas)]
+        return finish(image, self.config, cameras, self.config.window, self.spec_name)
+
+
 @dataclass
-class PerspectiveConfig:
+class PerspectiveConfig(ExportConfig):
     window: int = 512  # view size in pixels
     fov: float = 90.0  # horizontal field of view in degrees
     views_per_ring: int = 8  # yaw step = 360 / views_per_ring
@@ -38,18 +61,14 @@ class PerspectiveConfig:
     sampling: str = "bilinear"  # bilinear (pole-prefiltered, covers every pixel) | nearest (SyncTweedies remap)
 
 
-class PerspectiveTiler(Tiler):
+class PerspectiveTiler(SphericalTiler):
     Config = PerspectiveConfig
-
-    @property
-    def periodic_width(self) -> bool:
-        return True
+    spec_name = "perspective"
 
     def validate(self, canvas: CanvasSpec) -> None:
-        _check_equirect(canvas)
+        super().validate(canvas)
         if not 0 < self.config.fov < 180:
             raise ConfigError("tiler.fov", f"must be in (0, 180) degrees, got {self.config.fov}")
-        _check_sampling(self.config.sampling)
 
     def views(self, canvas: CanvasSpec) -> list[ProjectedView]:
         c, size = self.config, self.config.window // canvas.latent_factor
@@ -59,23 +78,16 @@ class PerspectiveTiler(Tiler):
 
 
 @dataclass
-class CubemapConfig:
+class CubemapConfig(ExportConfig):
     window: int = 512  # face size in pixels
     sampling: str = "bilinear"  # bilinear (pole-prefiltered, covers every pixel) | nearest (SyncTweedies remap)
 
 
-class CubemapTiler(Tiler):
+class CubemapTiler(SphericalTiler):
     """Six 90° faces in the order of `geometry.CUBE_FACES`; ``context["face"]`` names each."""
 
     Config = CubemapConfig
-
-    @property
-    def periodic_width(self) -> bool:
-        return True
-
-    def validate(self, canvas: CanvasSpec) -> None:
-        _check_equirect(canvas)
-        _check_sampling(self.config.sampling)
+    spec_name = "cubemap"
 
     def views(self, canvas: CanvasSpec) -> list[ProjectedView]:
         size = self.config.window // canvas.latent_factor
