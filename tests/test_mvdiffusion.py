@@ -65,7 +65,8 @@ def closed_form_pixel(src: Camera, dst: Camera, x: float, y: float, inside: bool
     c = geometry.rotation(dst.yaw, dst.pitch, dst.roll).T @ direction
     if c[2] <= 0:
         return None
-    return (float(c[0] / c[2] * dst.focal + dst.width / 2 - 0.5), float(-c[1] / c[2] * dst.focal + dst.height / 2 - 0.5))
+    u, v = c[0] / c[2] * dst.focal + dst.width / 2, -c[1] / c[2] * dst.focal + dst.height / 2
+    return (float(u) - 0.5, float(v) - 0.5)
 
 
 @pytest.mark.parametrize("src,dst", [((0, 0, 0), (45, 0, 0)), ((45, 0, 0), (0, 0, 0)), ((10, 20, 5), (40, -10, 0)),
@@ -134,6 +135,19 @@ def test_zeroed_block_is_the_identity_and_untrained_blocks_are_zeroed():
     cams = [Camera(yaw, 0, 0, 90, 64, 64) for yaw in (0, 45, 90)]
     x = torch.randn(3, 32, 8, 8)
     assert torch.equal(block(x, Plan(3, [view_group([0, 1, 2], cams)])), x)
+
+
+def test_two_views_in_a_ring_equal_all_neighbours():
+    """A ring of two pairs each view with the other twice; duplicated keys leave softmax attention unchanged, so
+    it equals `neighbors: all` (one copy of each key)."""
+    block = randomize(CorrespondenceAttention(16), seed=3).eval()
+    cams = [Camera(yaw, 0, 0, 90, 64, 64) for yaw in (0, 45)]
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        ring2 = block(x, Plan(2, [view_group([0, 1], cams, "ring")]))
+        all2 = block(x, Plan(2, [view_group([0, 1], cams, "all")]))
+    assert torch.allclose(ring2, all2, atol=1e-5)
+    assert not torch.allclose(ring2, x, atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------- full denoiser
@@ -281,7 +295,7 @@ def test_official_checkpoint_loads_by_its_key_names(tiny_sd, tmp_path):
 
 
 def test_missing_weights_say_how_to_get_them(tiny_sd, tmp_path):
-    with pytest.raises(ModelNotFoundError, match=r"does not exist; download the official panorama checkpoint pano\.ckpt"):
+    with pytest.raises(ModelNotFoundError, match=r"does not exist; download the official panorama checkpoint"):
         MVDiffusionDenoiser(MVDiffusionConfig(pretrained=str(tiny_sd), checkpoint=str(tmp_path / "pano.ckpt")))
     with pytest.raises(ModelNotFoundError, match="needs correspondence-attention weights.*denoiser.checkpoint"):
         MVDiffusionDenoiser(MVDiffusionConfig(pretrained=str(tiny_sd)))

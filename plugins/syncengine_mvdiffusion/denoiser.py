@@ -29,8 +29,8 @@ NEIGHBOURS = ("ring", "all")
 
 @dataclass
 class MVDiffusionConfig(StableDiffusionConfig):
-    checkpoint: Optional[str] = None  # official pano.ckpt (or .safetensors with its keys); None: pretrained is a folder from save_pretrained
-    neighbors: str = "ring"  # ring: previous and next view in the batch, cyclic (the official model); all: every other view
+    checkpoint: Optional[str] = None  # official pano.ckpt; None: pretrained is a folder saved by save_pretrained
+    neighbors: str = "ring"  # ring: previous and next view of the batch (as trained); all: every other view
     trust_checkpoint: bool = False  # unpickle a .ckpt holding more than tensors (only for files you trust)
 
     def __post_init__(self):
