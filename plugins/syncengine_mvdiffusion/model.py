@@ -117,14 +117,20 @@ class ViewGroup:
     forward: torch.Tensor
     backward: torch.Tensor
     image_hw: tuple[int, int]
-    _levels: dict[tuple[int, int], Neighbourhood] = field(default_factory=dict)
+    _levels: dict[Any, Neighbourhood] = field(default_factory=dict)
 
-    def level(self, hw: tuple[int, int]) -> Neighbourhood:
-        """The neighbourhoods at one feature size (cached: levels of equal size share them)."""
-        if hw not in self._levels:
-            self._levels[hw] = neighbourhood(self.forward.flatten(0, 1), self.backward.flatten(0, 1), hw,
-                                             self.image_hw)
-        return self._levels[hw]
+    def level(self, hw: tuple[int, int], device: torch.device, dtype: torch.dtype) -> Neighbourhood:
+        """The neighbourhoods at one feature size, on ``device``: the ``grid_sample`` grid ``[m*n, k*h, w, 2]`` (in
+        ``dtype``) as ``position``, ``valid`` and float32 ``offset``. Cached: computed once per size and device."""
+        key = (hw, str(device), dtype)
+        if key not in self._levels:
+            nb = neighbourhood(self.forward.flatten(0, 1), self.backward.flatten(0, 1), hw, self.image_hw)
+            h, w = hw
+            size = torch.tensor([max(w - 1, 1), max(h - 1, 1)], dtype=nb.position.dtype)
+            grid = (nb.position / size * 2 - 1).flatten(1, 2)  # align_corners=True normalisation
+            self._levels[key] = Neighbourhood(grid.to(device, dtype), nb.valid.to(device),
+                                              nb.offset.to(device, torch.float32))
+        return self._levels[key]
 
 
 def view_group(rows: list[int], cameras: list[Camera], neighbors: str = "ring") -> ViewGroup:
@@ -163,21 +169,19 @@ class CorrespondenceAttention(nn.Module):
     def forward(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
         out = x
         for group in plan.groups:
-            out = out.index_copy(0, group.rows, self._group(x, group))
+            out = out.index_copy(0, group.rows.to(x.device), self._group(x, group))
         return out
 
     def _group(self, x: torch.Tensor, group: ViewGroup) -> torch.Tensor:
         m, n = group.neighbours.shape
         _, c, h, w = x.shape
-        nb = group.level((h, w))
+        nb = group.level((h, w), x.device, x.dtype)
         k = nb.valid.shape[1]
-        size = torch.tensor([max(w - 1, 1), max(h - 1, 1)], dtype=nb.position.dtype)
-        grid = (nb.position / size * 2 - 1).flatten(1, 2).to(x.device, x.dtype)  # [m*n, k*h, w, 2]
         keys = x.index_select(0, group.neighbours.flatten().to(x.device))
-        samples = F.grid_sample(keys, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        samples = F.grid_sample(keys, nb.position, mode="bilinear", padding_mode="zeros", align_corners=True)
         samples = samples.unflatten(2, (k, h)).permute(0, 3, 4, 2, 1)  # [m*n, h, w, k, c]
-        pe = self.pe(nb.offset.to(x.device, torch.float32)).to(x.dtype).permute(0, 2, 3, 1, 4)  # [m*n, h, w, k, c]
-        valid = nb.valid.to(x.device).permute(0, 2, 3, 1)[..., None]
+        pe = self.pe(nb.offset).to(x.dtype).permute(0, 2, 3, 1, 4)  # [m*n, h, w, k, c]
+        valid = nb.valid.permute(0, 2, 3, 1)[..., None]
         tokens = torch.where(valid, samples + pe, torch.zeros((), dtype=x.dtype, device=x.device))
         tokens = tokens.unflatten(0, (m, n)).permute(0, 2, 3, 1, 4, 5).reshape(m * h * w, n * k, c)
         query = x.index_select(0, group.rows.to(x.device)).permute(0, 2, 3, 1).reshape(m * h * w, 1, c)
