@@ -76,7 +76,8 @@ def cache(tmp_path_factory) -> str:
 def cli(cache: str, *args: str, script: bool = False, timeout: int = 240) -> subprocess.CompletedProcess:
     """``syncengine generate ... runtime.devices=2`` in a fresh process (rank 0; Lightning starts rank 1)."""
     entry = [str(SCRIPT)] if script else ["-m", "syncengine"]
-    env = {**os.environ, "SYNCENGINE_CACHE": cache, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "SYNCENGINE_CACHE": cache, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return subprocess.run([sys.executable, *entry, "generate", *args, "runtime.progress=false"], cwd=ROOT, env=env,
