@@ -6,6 +6,7 @@ the model is loaded and warmed up, i.e. what the run itself added at its peak.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -65,9 +66,25 @@ class Counters:
 
 def _warm_up(unet, vae, hidden_dim: int) -> None:
     """First calls pay one-off costs (kernel selection, allocations): pay them before the clock starts."""
+    device = unet.device
     with torch.no_grad():
-        unet(torch.zeros(2, 4, 64, 64), 500, encoder_hidden_states=torch.zeros(2, 77, hidden_dim))
-        vae.decode(torch.zeros(1, 4, 8, 8))
+        unet(torch.zeros(2, 4, 64, 64, device=device), 500, encoder_hidden_states=torch.zeros(2, 77, hidden_dim, device=device))
+        vae.decode(torch.zeros(1, 4, 8, 8, device=device))
+    _sync(device)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _start_memory(device) -> int:
+    """Resident memory now (KiB); on CUDA also resets the allocator's peak so it belongs to this measurement."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    return _status_kib("VmRSS")
 
 
 def run_diffusers(job: dict[str, Any]) -> dict[str, Any]:
@@ -79,20 +96,24 @@ def run_diffusers(job: dict[str, Any]) -> dict[str, Any]:
             job["model"], safety_checker=None, requires_safety_checker=False
         )
     pipe.set_progress_bar_config(disable=True)
+    pipe.to(job["device"])
+    # diffusers fixes the stride at 8 latents (64 px); use the job's stride so both sides run the same views
+    pipe.get_views = functools.partial(pipe.get_views, window_size=job["window"] // 8, stride=job["stride"] // 8)
     _warm_up(pipe.unet, pipe.vae, pipe.text_encoder.config.hidden_size)
     counters = Counters()
     counters.unet(pipe.unet)
     counters.decoder(pipe.vae, "vae_decodes")
-    gc.collect()
-    start_rss = _status_kib("VmRSS")
+    start_rss = _start_memory(job["device"])
     seconds = []
     for seed in job["seeds"]:
+        _sync(job["device"])
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pipe(PROMPT, height=job["height"], width=job["width"], num_inference_steps=job["steps"],
                  guidance_scale=7.5, view_batch_size=job["view_batch_size"], output_type="pt",
                  generator=torch.Generator("cpu").manual_seed(seed))
+        _sync(job["device"])
         seconds.append(time.perf_counter() - t0)
     return _result(job, seconds, counters, start_rss, {})
 
@@ -100,18 +121,18 @@ def run_diffusers(job: dict[str, Any]) -> dict[str, Any]:
 def syncengine_spec(job: dict[str, Any], seed: int, output_dir: str) -> dict[str, Any]:
     sync = {"loss": {"name": "lpips", "net": "vgg", "backbone": "random"}, "weight": 0.0}
     sync.update(job.get("sync", {}))
-    denoiser = {"name": "stable-diffusion", "pretrained": job["model"], "device": "cpu"}
+    denoiser = {"name": "stable-diffusion", "pretrained": job["model"], "device": job["device"]}
     denoiser.update(job.get("denoiser", {}))
     return {
         "canvas": {"height": job["height"], "width": job["width"]},
-        "tiler": {"name": "sliding", "window": 512, "stride": job["stride"]},
+        "tiler": {"name": "sliding", "window": job["window"], "stride": job["stride"]},
         "merger": {"name": "average"},
         "denoiser": denoiser,
         "sync": sync,
         "sampler": {"scheduler": "ddim", "steps": job["steps"], "guidance_scale": 7.5,
                     "view_batch_size": job["view_batch_size"]},
         "requests": [{"prompt": PROMPT, "seed": seed, "name": "bench"}],
-        "runtime": {"accelerator": "cpu", "devices": 1, "output_dir": output_dir, "progress": False,
+        "runtime": {"accelerator": torch.device(job["device"]).type, "devices": 1, "output_dir": output_dir, "progress": False,
                     "tiled_decode": bool(job.get("tiled_decode", False))},
     }
 
@@ -137,21 +158,22 @@ def run_syncengine(job: dict[str, Any]) -> dict[str, Any]:
     if den.sync_decoder is not None:
         counters.decoder(den.sync_decoder, "tiny_decodes")
     counters.autograd()
-    gc.collect()
-    start_rss = _status_kib("VmRSS")
+    start_rss = _start_memory(job["device"])
     seconds, stats, intra = [], [], []
     for seed in job["seeds"]:
         spec = resolve(syncengine_spec(job, seed, tmp))
         pipe.resolved = spec
+        _sync(job["device"])
         t0 = time.perf_counter()
         out = pipe.run(0)
+        _sync(job["device"])
         seconds.append(time.perf_counter() - t0)
         stats.append(out.stats)
         if distance is not None:
             from syncengine.evaluation.crops import grid_crops
             from syncengine.evaluation.metrics import intra_distance
 
-            intra.append(intra_distance(grid_crops(out.image, 512), distance))
+            intra.append(intra_distance(grid_crops(out.image, job["window"]), distance.to(job["device"])))
     extra = {"stats": stats[0], "loss_loaded": loss is not None}
     if intra:
         extra["intra_lpips"] = intra
@@ -164,16 +186,16 @@ def run_decode(job: dict[str, Any]) -> dict[str, Any]:
     from syncengine.pipeline import Pipeline, decode_canvas
 
     tmp = tempfile.mkdtemp(prefix="bench-")
-    resolved = resolve(syncengine_spec({**job, "steps": 1, "stride": 64, "view_batch_size": 1, "seeds": [0]}, 0, tmp))
+    resolved = resolve(syncengine_spec({**job, "steps": 1, "view_batch_size": 1, "seeds": [0]}, 0, tmp))
     den = Pipeline(resolved).denoiser_for(resolved)
-    latents = torch.randn(resolved.canvas.latent_shape(), generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(resolved.canvas.latent_shape(), generator=torch.Generator().manual_seed(0)).to(den.device)
     _warm_up(den.unet, den.vae, den.pipe.text_encoder.config.hidden_size)
     counters = Counters()
     counters.decoder(den.vae, "vae_decodes")
-    gc.collect()
-    start_rss = _status_kib("VmRSS")
+    start_rss = _start_memory(job["device"])
     t0 = time.perf_counter()
     image = decode_canvas(den, latents, False, bool(job["tiled_decode"]))
+    _sync(job["device"])
     seconds = [time.perf_counter() - t0]
     return _result(job, seconds, counters, start_rss, {"image_shape": list(image.shape)})
 
@@ -182,9 +204,12 @@ def _result(job, seconds, counters, start_rss, extra) -> dict[str, Any]:
     peak = _status_kib("VmHWM")
     n = len(seconds)
     per = {k: v / n for k, v in counters.values.items()}
-    return {"name": job["name"], "seconds": seconds, "seconds_mean": sum(seconds) / n, "per_panorama": per,
-            "peak_rss_mib": peak / 1024, "start_rss_mib": start_rss / 1024,
-            "peak_over_start_mib": (peak - start_rss) / 1024, "threads": torch.get_num_threads(), **extra}
+    out = {"name": job["name"], "seconds": seconds, "seconds_mean": sum(seconds) / n, "per_panorama": per,
+           "peak_rss_mib": peak / 1024, "start_rss_mib": start_rss / 1024,
+           "peak_over_start_mib": (peak - start_rss) / 1024, "threads": torch.get_num_threads(), **extra}
+    if torch.device(job["device"]).type == "cuda":  # on a GPU the allocator's peak is the memory that matters
+        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 KINDS = {"diffusers": run_diffusers, "syncengine": run_syncengine, "decode": run_decode}

@@ -28,6 +28,7 @@ class StableDiffusionConfig:
     prediction_type: Optional[str] = None  # override the scheduler's (epsilon | v_prediction)
     gradient_checkpointing: bool = False  # recompute UNet activations in the sync backward: less memory, more time
     sync_vae: Optional[str] = None  # a cheaper decoder for the sync loss only (AutoencoderTiny folder/hub id)
+    sync_decode_scale: float = 1.0  # resize x0 latents by this before the sync decode (0.5: 4x fewer pixels)
 
 
 class StableDiffusionDenoiser(Denoiser):
@@ -41,6 +42,8 @@ class StableDiffusionDenoiser(Denoiser):
         c = self.config
         if c.prediction_type not in (None, "epsilon", "v_prediction"):
             raise ConfigError("denoiser.prediction_type", f"{c.prediction_type!r} is not epsilon or v_prediction")
+        if not 0 < c.sync_decode_scale <= 1:
+            raise ConfigError("denoiser.sync_decode_scale", f"must be in (0, 1], got {c.sync_decode_scale}")
         self.device = torch_device(c.device)
         self.dtype = torch_dtype(c.dtype, self.device)
         self.is_tiny = c.pretrained == TINY_MODEL
@@ -151,6 +154,13 @@ class StableDiffusionDenoiser(Denoiser):
         return (posterior.mean * self.vae.config.scaling_factor).float()
 
     def decode_for_sync(self, latents: torch.Tensor) -> torch.Tensor:
+        """The sync loss's image: the decoder's cost grows with pixels, so ``sync_decode_scale`` shrinks the latents
+        first (anchor and views alike; the loss then compares coarser images), and ``sync_vae`` swaps the decoder."""
+        scale = self.config.sync_decode_scale
+        if scale != 1:
+            size = [max(1, round(s * scale)) for s in latents.shape[-2:]]
+            latents = torch.nn.functional.interpolate(latents, size=size, mode="bilinear", antialias=True,
+                                                      align_corners=False)
         if self.sync_decoder is None:
             return self.decode(latents)
         return self.sync_decoder.decode(latents.to(self.dtype) / self.sync_decoder.config.scaling_factor).sample.float()

@@ -1,0 +1,291 @@
+"""``python -m benchmarks``: syncengine against diffusers' MultiDiffusion pipeline, side by side, in one run.
+
+Sections (each measurement in a fresh process, see ``worker``):
+- speed: (a) diffusers ``StableDiffusionPanoramaPipeline``, (b) syncengine weight 0, (c) the paper's sync settings
+  one window at a time (``sync.batch_size: 1``) and batched, (d) the ``fast`` preset. Seconds per panorama, ratio to
+  (a), UNet rows, VAE decodes, backward passes, peak memory.
+- memory: peak memory for 4, 8 and 16 windows at a fixed view batch size (paper sync settings, one step).
+- decode: the final decode of a 512x2048 and a 512x8192 canvas, with and without tiling.
+- coherence: intra-window LPIPS (the loss's own network) for weight 0, paper settings and the fast preset, over
+  several seeds.
+
+Everything runs on the SD-2-shaped random-weight model of ``benchmarks.model``. The defaults are shrunk to fit about
+ten minutes on 2 CPU cores; ``--full`` uses the paper's 512x2048-shaped geometry (for a GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PAPER_SYNC = {"weight": 20.0, "decay": 0.95, "every": 1, "until": None}
+PRESET_STEPS = 50  # the steps the fast preset's `until` is written for
+
+
+def fast_sections(model_steps: int, taesd: str | None = None) -> tuple[dict, dict]:
+    """The fast preset's sync and denoiser options, read from configs/fast.yaml (the file users run).
+
+    ``until`` counts steps, so it is scaled to the benchmark's step count (the same fraction of the run). A hub id in
+    ``sync_vae`` (no weights here) becomes ``taesd``, the benchmark's TAESD-shaped decoder; ``taesd`` also adds it to
+    a preset without one (the "fast+taesd" rows)."""
+    from omegaconf import OmegaConf
+
+    from syncengine.config import compose
+
+    cfg = OmegaConf.to_container(compose("fast"), resolve=True)
+    sync = {k: v for k, v in cfg["sync"].items() if k not in ("loss", "anchor")}
+    if sync.get("until") is not None:
+        sync["until"] = max(1, round(sync["until"] * model_steps / int(cfg["sampler"].get("steps", PRESET_STEPS))))
+    den = {k: v for k, v in cfg["denoiser"].items() if k.startswith("sync_") or k == "gradient_checkpointing"}
+    if taesd is not None:
+        den["sync_vae"] = taesd
+    elif den.get("sync_vae"):
+        raise SystemExit("configs/fast.yaml names a sync_vae: the benchmark needs its local TAESD-shaped one")
+    return sync, den
+
+
+def run_job(job: dict[str, Any], verbose: bool) -> dict[str, Any]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", json.dumps(job)], capture_output=True, text=True,
+                          env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH-RESULT "):
+            result = json.loads(line[len("BENCH-RESULT "):])
+            result["job"] = job
+            if verbose:
+                print(f"  {job['name']}: {result['seconds_mean']:.2f} s", file=sys.stderr, flush=True)
+            return result
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    raise RuntimeError(f"benchmark job {job['name']} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+
+
+def base_job(args, model: str, **overrides) -> dict[str, Any]:
+    job = {"kind": "syncengine", "model": model, "device": args.device, "height": args.height, "width": args.width,
+           "window": args.window, "stride": args.stride, "steps": args.steps, "view_batch_size": args.view_batch_size,
+           "seeds": list(range(args.seeds)), "threads": args.threads}
+    job.update(overrides)
+    return job
+
+
+def speed_jobs(args, model: str, taesd: str) -> list[dict]:
+    fast_sync, fast_den = fast_sections(args.steps)
+    tae_sync, tae_den = fast_sections(args.steps, taesd)
+    return [
+        base_job(args, model, kind="diffusers", name="diffusers"),
+        base_job(args, model, name="weight0", sync={"weight": 0.0}),
+        base_job(args, model, name="paper-bs1", sync={**PAPER_SYNC, "batch_size": 1}),
+        base_job(args, model, name="paper-batched", sync=dict(PAPER_SYNC)),
+        base_job(args, model, name="fast", sync={**PAPER_SYNC, **fast_sync}, denoiser=fast_den),
+        base_job(args, model, name="fast+taesd", sync={**PAPER_SYNC, **tae_sync}, denoiser=tae_den),
+    ]
+
+
+def memory_jobs(args, model: str) -> list[dict]:
+    jobs = []
+    for n in args.memory_windows:
+        width = args.memory_window + (n - 1) * args.memory_stride
+        jobs.append(base_job(args, model, name=f"memory-{n}", height=args.memory_window, width=width,
+                             window=args.memory_window, stride=args.memory_stride, steps=1, seeds=[0],
+                             sync=dict(PAPER_SYNC), windows=n))
+    return jobs
+
+
+def decode_jobs(args, model: str) -> list[dict]:
+    return [
+        base_job(args, model, kind="decode", name=f"decode-{args.height}x{w}-{'tiled' if tiled else 'full'}",
+                 width=w, tiled_decode=tiled, seeds=[0])
+        for w in args.decode_widths
+        for tiled in (False, True)
+    ]
+
+
+def coherence_jobs(args, model: str, taesd: str) -> list[dict]:
+    c = dict(height=args.coherence_window, width=args.coherence_window * args.coherence_crops,
+             window=args.coherence_window, stride=args.coherence_stride, steps=args.coherence_steps,
+             seeds=list(range(args.coherence_seeds)), coherence=True)
+    fast_sync, fast_den = fast_sections(args.coherence_steps)
+    tae_sync, tae_den = fast_sections(args.coherence_steps, taesd)
+    if args.coherence_window != 512 and fast_sync.get("resolution"):  # keep the loss size relative to 512 px
+        for s in (fast_sync, tae_sync):
+            s["resolution"] = max(16, round(s["resolution"] * args.coherence_window / 512))
+    return [
+        base_job(args, model, name="coherence-weight0", sync={"weight": 0.0}, **c),
+        base_job(args, model, name="coherence-paper", sync=dict(PAPER_SYNC), **c),
+        base_job(args, model, name="coherence-fast", sync={**PAPER_SYNC, **fast_sync}, denoiser=fast_den, **c),
+        base_job(args, model, name="coherence-fast+taesd", sync={**PAPER_SYNC, **tae_sync}, denoiser=tae_den, **c),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------- tables
+
+
+def _mem(r: dict) -> str:
+    if "peak_cuda_mib" in r:
+        return f"{r['peak_cuda_mib']:.0f} (GPU)"
+    return f"{r['peak_over_start_mib']:.0f}"
+
+
+def speed_table(results: list[dict]) -> str:
+    base = next((r["seconds_mean"] for r in results if r["name"] == "diffusers"), None)
+    rows = ["| run | s / panorama | x diffusers | UNet rows | VAE decodes | tiny decodes | backward | peak MiB |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        p = r["per_panorama"]
+        ratio = f"{r['seconds_mean'] / base:.2f}" if base else "-"
+        rows.append(f"| {r['name']} | {r['seconds_mean']:.2f} | {ratio} | {p['unet_rows']:.0f} | {p['vae_decodes']:.0f}"
+                    f" | {p['tiny_decodes']:.0f} | {p['backward_calls']:.0f} | {_mem(r)} |")
+    return "\n".join(rows)
+
+
+def memory_table(results: list[dict]) -> str:
+    rows = ["| windows | canvas | s | peak MiB over start |", "| ---: | --- | ---: | ---: |"]
+    for r in results:
+        j = r["job"]
+        rows.append(f"| {j['windows']} | {j['height']}x{j['width']} | {r['seconds_mean']:.1f} | {_mem(r)} |")
+    return "\n".join(rows)
+
+
+def decode_table(results: list[dict]) -> str:
+    rows = ["| canvas | tiled | s | peak MiB over start |", "| --- | --- | ---: | ---: |"]
+    for r in results:
+        j = r["job"]
+        rows.append(f"| {j['height']}x{j['width']} | {j['tiled_decode']} | {r['seconds_mean']:.1f} | {_mem(r)} |")
+    return "\n".join(rows)
+
+
+def coherence_summary(results: list[dict]) -> dict[str, Any]:
+    mean = {r["name"].removeprefix("coherence-"): sum(r["intra_lpips"]) / len(r["intra_lpips"]) for r in results}
+    out: dict[str, Any] = {"intra_lpips_mean": mean}
+    if {"weight0", "paper"} <= mean.keys():
+        gain = mean["weight0"] - mean["paper"]
+        out["paper_improvement"] = gain
+        for name in mean:
+            if name.startswith("fast") and gain > 0:
+                out[f"{name}_share_of_paper_improvement"] = (mean["weight0"] - mean[name]) / gain
+    return out
+
+
+def coherence_table(results: list[dict], summary: dict) -> str:
+    rows = ["| run | intra-LPIPS per seed | mean | improvement over weight 0 | share of paper's |",
+            "| --- | --- | ---: | ---: | ---: |"]
+    m = summary["intra_lpips_mean"]
+    for r in results:
+        name = r["name"].removeprefix("coherence-")
+        seeds = ", ".join(f"{v:.4f}" for v in r["intra_lpips"])
+        gain = m.get("weight0", m[name]) - m[name]
+        share = summary.get(f"{name}_share_of_paper_improvement", 1.0 if name == "paper" else None)
+        rows.append(f"| {name} | {seeds} | {m[name]:.4f} | {gain:.4f} | {'-' if share is None else f'{share:.0%}'} |")
+    return "\n".join(rows)
+
+
+def targets(speed: list[dict]) -> dict[str, float]:
+    s = {r["name"]: r["seconds_mean"] for r in speed}
+    out = {}
+    if {"weight0", "diffusers"} <= s.keys():
+        out["weight0_over_diffusers"] = s["weight0"] / s["diffusers"]
+    if {"paper-batched", "paper-bs1"} <= s.keys():
+        out["paper_batched_over_bs1"] = s["paper-batched"] / s["paper-bs1"]
+    if {"fast", "weight0"} <= s.keys():
+        out["fast_over_weight0"] = s["fast"] / s["weight0"]
+    if {"paper-batched", "weight0"} <= s.keys():
+        out["paper_over_weight0"] = s["paper-batched"] / s["weight0"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--name", default=None, help="results file stem (default: cpu or cuda, plus -full)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per measurement (default: 1 on CPU, robust on a shared machine; GPU: all)")
+    p.add_argument("--full", action="store_true", help="paper-shaped sizes: 512x2048, stride 128, 50 steps (GPU)")
+    p.add_argument("--sections", default="speed,memory,decode,coherence", help="comma-separated subset")
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=None, help="speed canvas width (default 1024; --full 2048)")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--stride", type=int, default=None, help="window stride px (default 256; --full 128)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 10; --full 50)")
+    p.add_argument("--seeds", type=int, default=1, help="panoramas per speed measurement")
+    p.add_argument("--view-batch-size", type=int, default=4)
+    p.add_argument("--memory-windows", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--memory-window", type=int, default=None, help="window px of the memory runs (default 128; --full 512)")
+    p.add_argument("--memory-stride", type=int, default=None, help="default: half the memory window")
+    p.add_argument("--decode-widths", type=int, nargs="+", default=[2048, 8192])
+    p.add_argument("--coherence-window", type=int, default=None, help="default 128; --full 512")
+    p.add_argument("--coherence-crops", type=int, default=4, help="canvas width in windows")
+    p.add_argument("--coherence-stride", type=int, default=None, help="default: a quarter of the window")
+    p.add_argument("--coherence-steps", type=int, default=None, help="default 20; --full 50")
+    p.add_argument("--coherence-seeds", type=int, default=4)
+    a = p.parse_args(argv)
+    full = a.full
+    a.threads = a.threads if a.threads is not None else (1 if a.device == "cpu" else 0)
+    a.width = a.width or (2048 if full else 1024)
+    a.stride = a.stride or (128 if full else 256)
+    a.steps = a.steps or (50 if full else 10)
+    a.memory_window = a.memory_window or (512 if full else 128)
+    a.memory_stride = a.memory_stride or a.memory_window // 2
+    a.coherence_window = a.coherence_window or (512 if full else 128)
+    a.coherence_stride = a.coherence_stride or a.coherence_window // 4
+    a.coherence_steps = a.coherence_steps or (50 if full else 20)
+    a.name = a.name or (a.device.split(":")[0] + ("-full" if full else ""))
+    return a
+
+
+def environment(args) -> dict[str, Any]:
+    import diffusers
+    import torch
+
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+           "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "device": args.device}
+    if args.device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from .model import bench_model_paths
+
+    model, taesd = (str(p) for p in bench_model_paths())
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    out: dict[str, Any] = {"args": vars(args), "environment": environment(args)}
+    builders = {"speed": lambda: speed_jobs(args, model, taesd), "memory": lambda: memory_jobs(args, model),
+                "decode": lambda: decode_jobs(args, model), "coherence": lambda: coherence_jobs(args, model, taesd)}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{args.name}.json"
+    for section in sections:
+        print(f"[{section}]", file=sys.stderr, flush=True)
+        out[section] = [run_job(job, verbose=True) for job in builders[section]()]
+        path.write_text(json.dumps(out, indent=1) + "\n")  # partial results survive an interrupted run
+    if "speed" in out:
+        out["targets"] = targets(out["speed"])
+        print(f"\n## speed ({args.height}x{args.width}, window {args.window}, stride {args.stride}, {args.steps} steps,"
+              f" view batch {args.view_batch_size}, {args.device})\n\n{speed_table(out['speed'])}\n")
+        print("targets: " + ", ".join(f"{k} = {v:.2f}" for k, v in out["targets"].items()))
+    if "memory" in out:
+        print(f"\n## memory (view batch {args.view_batch_size}, paper sync, 1 step)\n\n{memory_table(out['memory'])}")
+    if "decode" in out:
+        print(f"\n## final decode\n\n{decode_table(out['decode'])}")
+    if "coherence" in out:
+        out["coherence_summary"] = coherence_summary(out["coherence"])
+        print(f"\n## coherence ({args.coherence_window}x{args.coherence_window * args.coherence_crops}, "
+              f"{args.coherence_steps} steps)\n\n{coherence_table(out['coherence'], out['coherence_summary'])}")
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
