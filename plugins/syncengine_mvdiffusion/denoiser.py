@@ -144,12 +144,14 @@ class MVDiffusionDenoiser(StableDiffusionDenoiser):
         if key not in self._plans:
             if len(self._plans) > 32:
                 self._plans.clear()
-            groups = []
+            groups, caches = [], {}
             for flag in sorted(set(flags)):
                 rows = [r for r, f in enumerate(flags) if f == flag]
                 if len(rows) > 1:
                     if len({(cams[r].height, cams[r].width) for r in rows}) > 1:
                         raise ConfigError("tiler.window", "the mvdiffusion denoiser needs views of one size")
-                    groups.append(view_group(rows, [cams[r] for r in rows], self.config.neighbors))
+                    group_cams = [cams[r] for r in rows]
+                    cache = caches.setdefault(tuple(group_cams), {})  # both CFG branches: one geometry
+                    groups.append(view_group(rows, group_cams, self.config.neighbors, cache))
             self._plans[key] = Plan(len(views), groups)
         return self._plans[key]

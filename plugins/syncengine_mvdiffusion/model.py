@@ -132,11 +132,24 @@ class ViewGroup:
                                               nb.offset.to(device, torch.float32))
         return self._levels[key]
 
+    def encoding(self, hw: tuple[int, int], device: torch.device, dtype: torch.dtype,
+                 pe: "PositionalEncoding") -> torch.Tensor:
+        """The key tokens' positional encodings ``[m*n, h, w, k, c]``, zero where a sample is invalid. They depend on
+        the geometry alone, so they are cached per level and channel count (and shared by groups of equal cameras)."""
+        key = ("pe", hw, str(device), dtype, pe.freq_bands.shape[-1])
+        if key not in self._levels:
+            nb = self.level(hw, device, dtype)
+            enc = pe(nb.offset).to(dtype).permute(0, 2, 3, 1, 4)
+            self._levels[key] = enc * nb.valid.permute(0, 2, 3, 1)[..., None].to(dtype)
+        return self._levels[key]
 
-def view_group(rows: list[int], cameras: list[Camera], neighbors: str = "ring") -> ViewGroup:
+
+def view_group(rows: list[int], cameras: list[Camera], neighbors: str = "ring",
+               cache: dict | None = None) -> ViewGroup:
     """The group of batch ``rows`` (views with ``cameras``, all one size): ``ring`` pairs each view with the previous
     and next view in the list, cyclic (the official model; two views see each other twice, which attention cannot
-    tell from once), ``all`` with every other view."""
+    tell from once), ``all`` with every other view. ``cache``: a level cache to share with a group of the same
+    cameras and neighbours (the other CFG branch)."""
     m = len(rows)
     if neighbors == "ring":
         slots = [[(i - 1) % m, (i + 1) % m] for i in range(m)]
@@ -145,7 +158,8 @@ def view_group(rows: list[int], cameras: list[Camera], neighbors: str = "ring") 
     fwd = torch.stack([torch.stack([homography(cameras[i], cameras[j]) for j in s]) for i, s in enumerate(slots)])
     bwd = torch.stack([torch.stack([homography(cameras[j], cameras[i]) for j in s]) for i, s in enumerate(slots)])
     rows_t = torch.tensor(rows)
-    return ViewGroup(rows_t, rows_t[torch.tensor(slots)], fwd, bwd, (cameras[0].height, cameras[0].width))
+    return ViewGroup(rows_t, rows_t[torch.tensor(slots)], fwd, bwd, (cameras[0].height, cameras[0].width),
+                     cache if cache is not None else {})
 
 
 @dataclass
@@ -180,9 +194,9 @@ class CorrespondenceAttention(nn.Module):
         keys = x.index_select(0, group.neighbours.flatten().to(x.device))
         samples = F.grid_sample(keys, nb.position, mode="bilinear", padding_mode="zeros", align_corners=True)
         samples = samples.unflatten(2, (k, h)).permute(0, 3, 4, 2, 1)  # [m*n, h, w, k, c]
-        pe = self.pe(nb.offset).to(x.dtype).permute(0, 2, 3, 1, 4)  # [m*n, h, w, k, c]
         valid = nb.valid.permute(0, 2, 3, 1)[..., None]
-        tokens = torch.where(valid, samples + pe, torch.zeros((), dtype=x.dtype, device=x.device))
+        tokens = torch.where(valid, samples, torch.zeros((), dtype=x.dtype, device=x.device))
+        tokens = tokens + group.encoding((h, w), x.device, x.dtype, self.pe)
         tokens = tokens.unflatten(0, (m, n)).permute(0, 2, 3, 1, 4, 5).reshape(m * h * w, n * k, c)
         query = x.index_select(0, group.rows.to(x.device)).permute(0, 2, 3, 1).reshape(m * h * w, 1, c)
         query_pe = self.pe(torch.zeros(2, dtype=x.dtype, device=x.device))
