@@ -236,3 +236,33 @@ def test_one_view_with_weight_zero_is_a_plain_generation(tiny_spec, tiny_sd, tar
     reference = pipe("a photo of a mountain", height=64, width=64, num_inference_steps=3, guidance_scale=7.5,
                      latents=view.extract_noise(noise), output_type="latent").images
     torch.testing.assert_close(ours, reference.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_x0_merging_applies_prepare_input(tiny_spec):
+    # Each view's model input is its prepare_input of its own x_t, and the view steps from that input: shifting every
+    # crop's input by 0.5 at the first step is the same as starting from canvas noise shifted by 0.5.
+    from dataclasses import dataclass
+
+    from syncengine.sampler import JointSampler, Request, SamplerOptions
+    from syncengine.sync import SyncSchedule
+    from syncengine.views import CropView
+
+    @dataclass
+    class Shifted(CropView):
+        def prepare_input(self, x, inputs):
+            return x + 0.5 if inputs.step.index == 0 else x
+
+    resolved = resolve(tiny_spec(merger={"name": "average", "target": "x0"}))
+    den = Pipeline(resolved).denoiser_for(resolved)
+    canvas = resolved.canvas
+    noise = torch.randn(canvas.latent_shape(), generator=torch.Generator().manual_seed(0))
+
+    def run(cls, noise):
+        views = [cls(i, top=0, left=6 * i, height=8, width=8) for i in range(3)]  # 8x20 latent canvas, overlapping
+        sampler = JointSampler(den, views, resolved.build("merger"), None, SyncSchedule(0.0),
+                               SamplerOptions(steps=2, view_batch_size=2))
+        return sampler.sample(Request("a photo of a mountain"), canvas, noise=noise).latents
+
+    shifted = run(Shifted, noise)
+    torch.testing.assert_close(shifted, run(CropView, noise + 0.5), atol=1e-5, rtol=1e-5)
+    assert (shifted - run(CropView, noise)).abs().max() > 0.1
