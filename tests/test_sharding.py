@@ -27,12 +27,19 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve()
 LATENT_TOL = 1e-4
 
-# Panorama with sync on: 4 views of 8x8 latents (64 px) on a 64x160 canvas; 2 ranks own views [0, 1] and [2, 3],
-# so the anchor (center: view 2) is computed on rank 1 and broadcast to rank 0. Sync on steps 1 and 3 (every=2).
-PANORAMA = ["canvas.height=64", "canvas.width=160", "tiler.window=64", "tiler.stride=32", "sampler.steps=4",
-            "sampler.view_batch_size=2", "sync.weight=20", "sync.every=2"]
-# 360 perspective ring (8 views + 2 poles, projected views) with sync on.
-SPHERICAL = ["canvas.height=64", "canvas.width=128", "tiler.window=32", "sampler.steps=2", "sync.weight=5"]
+# One windows run, three requests: a panorama with sync on (4 views of 64 px on a 64x160 canvas; the 2 ranks own
+# views [0, 1] and [2, 3], so the anchor, view 2, is computed on rank 1 and broadcast), a request that fails (its
+# override names a missing model), and a 360-degree perspective ring with sync on (8 + 2 projected views of 32 px on
+# a 64x128 equirectangular canvas; per-request overrides switch the tiler). Sync on steps 1 and 3 (every=2).
+BASE = ["canvas.height=64", "canvas.width=160", "tiler.window=64", "tiler.stride=32", "sampler.steps=4",
+        "sampler.view_batch_size=2", "sync.weight=20", "sync.every=2", "runtime.progress=false"]
+SPHERICAL = {"canvas.width": 128, "tiler.name": "perspective", "tiler.window": 32, "tiler.fov": 90,
+             "tiler.views_per_ring": 8, "tiler.pitches": [0.0], "tiler.poles": True, "sync.weight": 5}
+REQUESTS = [
+    {"prompt": "a mountain range", "seed": 0, "name": "pano"},
+    {"prompt": "broken", "name": "bad", "overrides": {"denoiser.pretrained": "/no/such/model"}},
+    {"prompt": "a forest clearing", "seed": 3, "name": "sphere", "overrides": SPHERICAL},
+]
 
 
 def saving_latents_too(write):
@@ -84,18 +91,6 @@ def cli(cache: str, *args: str, script: bool = False, timeout: int = 240) -> sub
                           capture_output=True, text=True, timeout=timeout)
 
 
-def single_process(cache, monkeypatch, spec: str, overrides: list[str], prompts: Path | None = None) -> Path:
-    """The same spec in this process, one device: the reference."""
-    from syncengine import lightning_module
-    from syncengine.api import generate
-
-    monkeypatch.setenv("SYNCENGINE_CACHE", cache)
-    monkeypatch.setattr(lightning_module, "write_result", saving_latents_too(lightning_module.write_result))
-    summary = generate(spec, overrides, prompts)
-    assert summary.ok and summary.written
-    return summary.written[0].parent
-
-
 def assert_same_output(one: Path, two: Path, name: str) -> dict:
     from PIL import Image
 
@@ -130,43 +125,54 @@ def expected_collectives(meta: dict, channels: int = 4) -> dict:
 # ------------------------------------------------------------------------------------------------ multi-process
 
 
-def test_windows_panorama_with_sync_equals_one_process_and_skips_a_bad_request(cache, tmp_path, monkeypatch):
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text(
-        '{"prompt": "a mountain range", "seed": 0, "name": "pano"}\n'
-        '{"prompt": "broken", "name": "bad", "overrides": {"denoiser.pretrained": "/no/such/model"}}\n'
-        '{"prompt": "a lake", "seed": 7, "name": "pano2"}\n'
-    )
-    two = tmp_path / "two"
-    run = cli(cache, "configs/demo.yaml", "--prompts", str(prompts), *PANORAMA, "runtime.devices=2",
+@pytest.fixture(scope="module")
+def windows(cache, tmp_path_factory):
+    """The 3 requests with 2 processes (``shard=windows``) through the CLI, and the 2 good ones in this process."""
+    from syncengine import lightning_module
+    from syncengine.api import generate
+
+    tmp = tmp_path_factory.mktemp("windows")
+    prompts, good = tmp / "all.jsonl", tmp / "good.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in REQUESTS))
+    good.write_text("".join(json.dumps(r) + "\n" for r in REQUESTS if r["name"] != "bad"))
+    two, one = tmp / "two", tmp / "one"
+    run = cli(cache, "configs/demo.yaml", "--prompts", str(prompts), *BASE, "runtime.devices=2",
               "runtime.strategy=ddp", "runtime.shard=windows", f"runtime.output_dir={two}", script=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SYNCENGINE_CACHE", cache)
+        mp.setattr(lightning_module, "write_result", saving_latents_too(lightning_module.write_result))
+        summary = generate("configs/demo.yaml", [*BASE, f"runtime.output_dir={one}"], good)
+    assert summary.ok and len(summary.written) == 2
+    return run, one, two
+
+
+def test_a_bad_request_is_reported_once_and_skipped_in_a_two_process_run(windows):
+    run, _, two = windows
     assert run.returncode == 2, run.stderr[-3000:]  # a failed request makes the run exit non-zero...
     assert "failed bad" in run.stderr and "2 written, 1 failed" in run.stderr  # ...reported once, by rank 0
     assert run.stderr.count(" written, ") == 1 and run.stdout.count("wrote") == 2
-    assert sorted(p.name for p in two.glob("*.png")) == ["pano.png", "pano2.png"]  # finished outputs stay
-
-    good = tmp_path / "good.jsonl"
-    good.write_text("\n".join(line for line in prompts.read_text().splitlines() if "broken" not in line) + "\n")
-    one = single_process(cache, monkeypatch, "configs/demo.yaml", [*PANORAMA, f"runtime.output_dir={tmp_path / 'one'}",
-                         "runtime.progress=false"], good)
-    for name in ("pano", "pano2"):
-        meta = assert_same_output(one, two, name)
-        assert meta["stats"]["owned_views"] == 2 and meta["stats"]["views"] == 4
-        counted = {k: meta["stats"][k] for k in ("all_reduce_calls", "all_reduce_bytes", "broadcast_calls",
-                                                 "broadcast_bytes")}
-        assert counted == expected_collectives(meta)  # per request, not cumulative over the run
+    assert sorted(p.name for p in two.glob("*.png")) == ["pano.png", "sphere.png"]  # the others ran and stay
 
 
-def test_windows_spherical_ring_equals_one_process(cache, tmp_path, monkeypatch):
-    two = tmp_path / "two"
-    run = cli(cache, "configs/spherical-demo.yaml", *SPHERICAL, "runtime.devices=2", "runtime.shard=windows",
-              f"runtime.output_dir={two}", script=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    one = single_process(cache, monkeypatch, "configs/spherical-demo.yaml",
-                         [*SPHERICAL, f"runtime.output_dir={tmp_path / 'one'}", "runtime.progress=false"])
-    meta = assert_same_output(one, two, "spherical-demo")
-    assert meta["stats"]["views"] == 10 and meta["stats"]["owned_views"] == 5
-    assert meta["stats"]["all_reduce_calls"] == 2 and meta["stats"]["broadcast_calls"] == 2
+def test_windows_panorama_with_sync_equals_one_process(windows):
+    _, one, two = windows
+    meta = assert_same_output(one, two, "pano")
+    assert meta["stats"]["owned_views"] == 2 and meta["stats"]["views"] == 4 and meta["stats"]["sync_views"] > 0
+
+
+def test_windows_spherical_ring_with_sync_equals_one_process(windows):
+    _, one, two = windows
+    meta = assert_same_output(one, two, "sphere")
+    assert meta["spec"]["tiler"]["name"] == "perspective"
+    assert meta["stats"]["owned_views"] == 5 and meta["stats"]["views"] == 10 and meta["stats"]["sync_views"] > 0
+
+
+@pytest.mark.parametrize("name", ["pano", "sphere"])
+def test_collectives_per_request_match_the_documented_formula(windows, name):
+    meta = json.loads((windows[2] / f"{name}.json").read_text())
+    counted = {k: meta["stats"][k] for k in ("all_reduce_calls", "all_reduce_bytes", "broadcast_calls",
+                                             "broadcast_bytes")}
+    assert counted == expected_collectives(meta)  # per request: the counters restart for each request
 
 
 def test_requests_shard_writes_each_of_three_requests_once(cache, tmp_path):
