@@ -246,6 +246,27 @@ def _omegaconf_error(prefix: str, exc: OmegaConfBaseException) -> ConfigError:
     return ConfigError(f"{prefix}.{key}".strip(".") if key else prefix, msg)
 
 
+def _paths(node: Any, prefix: tuple[str, ...] = ()):
+    """Every dotted path of a plain container, list indices included."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, v in items:
+        yield (*prefix, str(k))
+        yield from _paths(v, (*prefix, str(k)))
+
+
+def _full_path(values: Any, key: str) -> str:
+    """OmegaConf drops the list part from an error's key inside a list of dataclasses (``mask.foo`` for
+    ``regions.1.mask.foo``): find the path of ``values`` that ends with ``key`` once list indices are skipped."""
+    if isinstance(values, (DictConfig, ListConfig)):
+        values = OmegaConf.to_container(values)
+    parts = key.split(".")
+    for path in _paths(values):
+        named = [p for p in path if not p.isdigit()]
+        if named[-len(parts):] == parts and len(path) > len(parts) and any(p.isdigit() for p in path):
+            return ".".join(path)
+    return key
+
+
 def typed_config(schema: type, values: Any, where: str) -> DictConfig:
     """``values`` merged over the dataclass ``schema``'s defaults and type-checked; failures are a one-line
     :class:`ConfigError` naming the key under ``where`` (plugins validating their own sub-sections use this too)."""
@@ -254,6 +275,8 @@ def typed_config(schema: type, values: Any, where: str) -> DictConfig:
         return OmegaConf.merge(base, values)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+        if key:
+            key = _full_path(values, str(key))
         msg = str(exc).splitlines()[0]
         if "not in" in msg and key is not None:
             owner = getattr(exc, "object_type", None)

@@ -155,3 +155,11 @@ def test_api_prompts_and_seeds():
         resolve_run(BASE, prompts=["a", "b", "c"], seeds=[1, 2])
     with pytest.raises(SyncEngineError, match="seeds given without prompts"):
         resolve_run(BASE, seeds=[1])
+
+
+def test_unknown_key_inside_a_list_of_options_names_its_index():
+    spec = {**BASE, "canvas": {"height": 256, "width": 512},
+            "tiler": {"name": "regions", "window": 256, "stride": 128,
+                      "regions": [{"prompt": "a"}, {"prompt": "b", "mask": {"foo": 1}}]}}
+    err = _err(spec)
+    assert err.key == "tiler.regions.1.mask.foo" and "valid keys" in str(err)
