@@ -32,6 +32,12 @@ class Tiler(Plugin):
         may redraw parts of it (a region with its own seed), deterministically from ``seed``."""
         return noise
 
+    def finish_output(self, image: torch.Tensor, canvas: CanvasSpec) -> tuple[dict[str, torch.Tensor], dict]:
+        """Extra outputs of a finished image ``[3, H, W]`` in [0, 1]: ``({suffix: image}, metadata)``, the images
+        written as ``<name>.<suffix>.png``, metadata keys ``xmp`` (a packet embedded in the PNG) and ``sidecar``
+        (extra JSON keys). None by default; the 360° tilers add cube faces and the viewer metadata."""
+        return {}, {}
+
     @abstractmethod
     def validate(self, canvas: CanvasSpec) -> None: ...
 

@@ -39,8 +39,8 @@ class CanvasSpec:
 class View(ABC):
     """One window of the canvas.
 
-    ``context`` holds per-view inputs that some denoisers need. Keys used by the built-ins: ``prompt`` (a prompt key
-    into the request's prompts, for regions), ``control`` (condition crops, for ControlNet), ``camera`` (for
+    ``context`` holds per-view inputs that some denoisers need. Keys used by the built-ins: ``prompt`` (the view's own prompt
+    text, replacing the request's; also ``negative_prompt`` and ``guidance_scale``: regions), ``control`` (condition crops, for ControlNet), ``camera`` (for
     multi-view denoisers). ``weight`` is the view's own weight in window space (a region mask, a density
     correction); ``None`` means all ones. Mergers multiply it with their own weighting.
     """
@@ -61,6 +61,11 @@ class View(ABC):
     @abstractmethod
     def scatter_add(self, window: torch.Tensor, out: torch.Tensor) -> None:
         """Add a window-shaped ``[B, C', h, w]`` tensor into a canvas-shaped buffer in place (adjoint of extract)."""
+
+    def extract_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """This view's initial x_T from the canvas noise when views keep their own states (``merger.target: x0``).
+        Crops read the canvas; a projection should resample so the noise keeps unit variance (nearest neighbour)."""
+        return self.extract(noise)
 
     def prepare_input(self, x: torch.Tensor, inputs: "InputContext") -> torch.Tensor:
         """The model input of this view at this step, given the window read from the canvas. Identity by default;
