@@ -39,9 +39,9 @@ class CanvasSpec:
 class View(ABC):
     """One window of the canvas.
 
-    ``context`` holds per-view inputs that some denoisers need. Keys used by the built-ins: ``prompt`` (the view's own prompt
-    text, replacing the request's; also ``negative_prompt`` and ``guidance_scale``: regions), ``control`` (condition crops, for ControlNet), ``camera`` (for
-    multi-view denoisers). ``weight`` is the view's own weight in window space (a region mask, a density
+    ``context`` holds per-view inputs that some denoisers need. Keys used by the built-ins: ``prompt``,
+    ``negative_prompt`` and ``guidance_scale`` (the view's own, replacing the request's: regions), ``control``
+    (condition crops, for ControlNet), ``camera`` (for multi-view denoisers), ``sync_group``. ``weight`` is the view's own weight in window space (a region mask, a density
     correction); ``None`` means all ones. Mergers multiply it with their own weighting.
     """
 
