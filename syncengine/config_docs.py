@@ -120,7 +120,8 @@ def field_rows(cls: type, prefix: str) -> list[tuple[str, str, str, str]]:
     comments = _comments(cls)
     rows = []
     for f in dataclasses.fields(cls):
-        meaning = f.metadata.get("doc") or comments.get(f.name) or CORE_MEANINGS.get(f"{cls.__name__}.{f.name}", "")
+        inherited = (CORE_MEANINGS.get(f"{k.__name__}.{f.name}") for k in cls.__mro__)  # a subclass's inherited fields
+        meaning = f.metadata.get("doc") or comments.get(f.name) or next((m for m in inherited if m), "")
         rows.append((f"{prefix}{f.name}", _type(f), _default(f), meaning))
     return rows
 
