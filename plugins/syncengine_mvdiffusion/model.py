@@ -66,7 +66,12 @@ class Attention(nn.Module):
         def split(t):
             return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)))
+        q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
+        if q.shape[2] == 1:  # one query over a few keys (CAA): two memory-bound passes beat a fused kernel's tiles
+            weights = ((q * k).sum(-1, keepdim=True) * q.shape[-1] ** -0.5).softmax(dim=2)
+            out = (weights * v).sum(2, keepdim=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).flatten(-2))
 
 
@@ -133,14 +138,17 @@ class ViewGroup:
         return self._levels[key]
 
     def encoding(self, hw: tuple[int, int], device: torch.device, dtype: torch.dtype,
-                 pe: "PositionalEncoding") -> torch.Tensor:
-        """The key tokens' positional encodings ``[m*n, h, w, k, c]``, zero where a sample is invalid. They depend on
-        the geometry alone, so they are cached per level and channel count (and shared by groups of equal cameras)."""
+                 pe: "PositionalEncoding") -> tuple[torch.Tensor, torch.Tensor]:
+        """In the key tokens' layout ``[m, h, w, n*k, c]``: their positional encodings, zero where a sample is
+        invalid, and the validity ``[m, h, w, n*k, 1]``. They depend on the geometry alone, so they are cached per
+        level and channel count (and shared by groups of equal cameras)."""
         key = ("pe", hw, str(device), dtype, pe.freq_bands.shape[-1])
         if key not in self._levels:
             nb = self.level(hw, device, dtype)
-            enc = pe(nb.offset).to(dtype).permute(0, 2, 3, 1, 4)
-            self._levels[key] = enc * nb.valid.permute(0, 2, 3, 1)[..., None].to(dtype)
+            m, n = self.neighbours.shape
+            valid = nb.valid.to(dtype).unflatten(0, (m, n)).permute(0, 3, 4, 1, 2).flatten(3)[..., None]
+            enc = pe(nb.offset).to(dtype).unflatten(0, (m, n)).permute(0, 3, 4, 1, 2, 5).flatten(3, 4)
+            self._levels[key] = ((enc * valid).contiguous(), valid.contiguous())
         return self._levels[key]
 
 
@@ -193,11 +201,9 @@ class CorrespondenceAttention(nn.Module):
         k = nb.valid.shape[1]
         keys = x.index_select(0, group.neighbours.flatten().to(x.device))
         samples = F.grid_sample(keys, nb.position, mode="bilinear", padding_mode="zeros", align_corners=True)
-        samples = samples.unflatten(2, (k, h)).permute(0, 3, 4, 2, 1)  # [m*n, h, w, k, c]
-        valid = nb.valid.permute(0, 2, 3, 1)[..., None]
-        tokens = torch.where(valid, samples, torch.zeros((), dtype=x.dtype, device=x.device))
-        tokens = tokens + group.encoding((h, w), x.device, x.dtype, self.pe)
-        tokens = tokens.unflatten(0, (m, n)).permute(0, 2, 3, 1, 4, 5).reshape(m * h * w, n * k, c)
+        samples = samples.view(m, n, c, k, h, w).permute(0, 4, 5, 1, 3, 2).reshape(m, h, w, n * k, c)
+        encoding, valid = group.encoding((h, w), x.device, x.dtype, self.pe)
+        tokens = torch.addcmul(encoding, samples, valid).reshape(m * h * w, n * k, c)  # invalid samples: zero tokens
         query = x.index_select(0, group.rows.to(x.device)).permute(0, 2, 3, 1).reshape(m * h * w, 1, c)
         query_pe = self.pe(torch.zeros(2, dtype=x.dtype, device=x.device))
         out = self.transformer(query, tokens, query_pe)
