@@ -29,7 +29,7 @@ PAPER_SYNC = {"weight": 20.0, "decay": 0.95, "every": 1, "until": None}
 PRESET_STEPS = 50  # the steps the fast preset's `until` is written for
 
 
-def fast_sections(model_steps: int, taesd: str | None = None) -> tuple[dict, dict]:
+def fast_sections(model_steps: int, taesd: str | None = None, window: int = 512) -> tuple[dict, dict]:
     """The fast preset's sync and denoiser options, read from configs/fast.yaml (the file users run).
 
     ``until`` counts steps, so it is scaled to the benchmark's step count (the same fraction of the run). A hub id in
@@ -43,12 +43,45 @@ def fast_sections(model_steps: int, taesd: str | None = None) -> tuple[dict, dic
     sync = {k: v for k, v in cfg["sync"].items() if k not in ("loss", "anchor")}
     if sync.get("until") is not None:
         sync["until"] = max(1, round(sync["until"] * model_steps / int(cfg["sampler"].get("steps", PRESET_STEPS))))
+    if sync.get("resolution") and window != 512:  # written for 512 px windows: keep the same fraction of the window
+        sync["resolution"] = max(16, round(sync["resolution"] * window / 512))
     den = {k: v for k, v in cfg["denoiser"].items() if k.startswith("sync_") or k == "gradient_checkpointing"}
     if taesd is not None:
         den["sync_vae"] = taesd
     elif den.get("sync_vae"):
         raise SystemExit("configs/fast.yaml names a sync_vae: the benchmark needs its local TAESD-shaped one")
     return sync, den
+
+
+def parse_variant(text: str) -> tuple[str, dict, dict]:
+    """``NAME:sync.until=10,denoiser.sync_decode_scale=1`` -> a fast-preset variant (extra speed/coherence rows)."""
+    import yaml
+
+    name, _, body = text.partition(":")
+    sync, den = {}, {}
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition("=")
+        section, _, field = key.strip().partition(".")
+        if section not in ("sync", "denoiser") or not field:
+            raise SystemExit(f"--variant {text!r}: keys are sync.<option> or denoiser.<option>")
+        (sync if section == "sync" else den)[field] = yaml.safe_load(value)
+    return name, sync, den
+
+
+def _variant_jobs(args, model: str, taesd: str, prefix: str, **common) -> list[dict]:
+    steps = common.get("steps", args.steps)
+    jobs = []
+    for text in args.variant:
+        name, sync_over, den_over = parse_variant(text)
+        window = common.get("window", args.window)
+        sync, den = fast_sections(steps, taesd if den_over.pop("sync_vae", None) else None, window)
+        if "until" in sync_over and sync_over["until"] is not None:  # written for 50 steps, like the preset
+            sync_over["until"] = max(1, round(sync_over["until"] * steps / PRESET_STEPS))
+        if sync_over.get("resolution") and window != 512:  # written for 512 px windows, like the preset
+            sync_over["resolution"] = max(16, round(sync_over["resolution"] * window / 512))
+        jobs.append(base_job(args, model, name=f"{prefix}{name}", sync={**PAPER_SYNC, **sync, **sync_over},
+                             denoiser={**den, **den_over}, **common))
+    return jobs
 
 
 def run_job(job: dict[str, Any], verbose: bool) -> dict[str, Any]:
@@ -76,8 +109,8 @@ def base_job(args, model: str, **overrides) -> dict[str, Any]:
 
 
 def speed_jobs(args, model: str, taesd: str) -> list[dict]:
-    fast_sync, fast_den = fast_sections(args.steps)
-    tae_sync, tae_den = fast_sections(args.steps, taesd)
+    fast_sync, fast_den = fast_sections(args.steps, window=args.window)
+    tae_sync, tae_den = fast_sections(args.steps, taesd, args.window)
     return [
         base_job(args, model, kind="diffusers", name="diffusers"),
         base_job(args, model, name="weight0", sync={"weight": 0.0}),
@@ -85,6 +118,19 @@ def speed_jobs(args, model: str, taesd: str) -> list[dict]:
         base_job(args, model, name="paper-batched", sync=dict(PAPER_SYNC)),
         base_job(args, model, name="fast", sync={**PAPER_SYNC, **fast_sync}, denoiser=fast_den),
         base_job(args, model, name="fast+taesd", sync={**PAPER_SYNC, **tae_sync}, denoiser=tae_den),
+    ]
+
+
+def shape_jobs(args, model: str, taesd: str) -> list[dict]:
+    """The 512x2048 geometry (13 windows at a quarter-window stride) scaled to ``--window``: the fast target's shape."""
+    w = args.window
+    geometry = dict(height=w, width=4 * w, stride=w // 4)
+    fast_sync, fast_den = fast_sections(args.steps, window=w)
+    tae_sync, tae_den = fast_sections(args.steps, taesd, w)
+    return [
+        base_job(args, model, name="shape-weight0", sync={"weight": 0.0}, **geometry),
+        base_job(args, model, name="shape-fast", sync={**PAPER_SYNC, **fast_sync}, denoiser=fast_den, **geometry),
+        base_job(args, model, name="shape-fast+taesd", sync={**PAPER_SYNC, **tae_sync}, denoiser=tae_den, **geometry),
     ]
 
 
@@ -100,8 +146,8 @@ def memory_jobs(args, model: str) -> list[dict]:
 
 def decode_jobs(args, model: str) -> list[dict]:
     return [
-        base_job(args, model, kind="decode", name=f"decode-{args.height}x{w}-{'tiled' if tiled else 'full'}",
-                 width=w, tiled_decode=tiled, seeds=[0])
+        base_job(args, model, kind="decode", name=f"decode-512x{w}-{'tiled' if tiled else 'full'}",
+                 height=512, width=w, window=512, stride=128, tiled_decode=tiled, seeds=[0])
         for w in args.decode_widths
         for tiled in (False, True)
     ]
@@ -111,17 +157,14 @@ def coherence_jobs(args, model: str, taesd: str) -> list[dict]:
     c = dict(height=args.coherence_window, width=args.coherence_window * args.coherence_crops,
              window=args.coherence_window, stride=args.coherence_stride, steps=args.coherence_steps,
              seeds=list(range(args.coherence_seeds)), coherence=True)
-    fast_sync, fast_den = fast_sections(args.coherence_steps)
-    tae_sync, tae_den = fast_sections(args.coherence_steps, taesd)
-    if args.coherence_window != 512 and fast_sync.get("resolution"):  # keep the loss size relative to 512 px
-        for s in (fast_sync, tae_sync):
-            s["resolution"] = max(16, round(s["resolution"] * args.coherence_window / 512))
+    fast_sync, fast_den = fast_sections(args.coherence_steps, window=args.coherence_window)
+    tae_sync, tae_den = fast_sections(args.coherence_steps, taesd, args.coherence_window)
     return [
         base_job(args, model, name="coherence-weight0", sync={"weight": 0.0}, **c),
         base_job(args, model, name="coherence-paper", sync=dict(PAPER_SYNC), **c),
         base_job(args, model, name="coherence-fast", sync={**PAPER_SYNC, **fast_sync}, denoiser=fast_den, **c),
         base_job(args, model, name="coherence-fast+taesd", sync={**PAPER_SYNC, **tae_sync}, denoiser=tae_den, **c),
-    ]
+    ] + _variant_jobs(args, model, taesd, "coherence-", **c)
 
 
 # ---------------------------------------------------------------------------------------------------------- tables
@@ -168,7 +211,7 @@ def coherence_summary(results: list[dict]) -> dict[str, Any]:
         gain = mean["weight0"] - mean["paper"]
         out["paper_improvement"] = gain
         for name in mean:
-            if name.startswith("fast") and gain > 0:
+            if name not in ("weight0", "paper") and gain > 0:
                 out[f"{name}_share_of_paper_improvement"] = (mean["weight0"] - mean[name]) / gain
     return out
 
@@ -197,6 +240,24 @@ def targets(speed: list[dict]) -> dict[str, float]:
         out["fast_over_weight0"] = s["fast"] / s["weight0"]
     if {"paper-batched", "weight0"} <= s.keys():
         out["paper_over_weight0"] = s["paper-batched"] / s["weight0"]
+    for name in s:
+        if name.startswith("shape-fast") and "shape-weight0" in s:
+            out[f"{name.removeprefix('shape-')}_over_weight0_2048_shaped"] = s[name] / s["shape-weight0"]
+    return out
+
+
+def per_view_seconds(results: list[dict]) -> dict[str, dict[str, float]]:
+    """Seconds per denoised view-step and per synced view, from the sampler's own timers: the cost model's unit
+    costs, so a ratio measured at one window count can be carried to another (docs/performance.md)."""
+    out = {}
+    for r in results:
+        st, j = r.get("stats"), r["job"]
+        if not st:
+            continue
+        row = {"denoise_per_view_step": (st["seconds_denoise"] - st["seconds_sync"]) / (st["views"] * j["steps"])}
+        if st["sync_views"]:
+            row["sync_per_synced_view"] = st["seconds_sync"] / st["sync_views"]
+        out[r["name"]] = row
     return out
 
 
@@ -210,11 +271,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per measurement (default: 1 on CPU, robust on a shared machine; GPU: all)")
     p.add_argument("--full", action="store_true", help="paper-shaped sizes: 512x2048, stride 128, 50 steps (GPU)")
-    p.add_argument("--sections", default="speed,memory,decode,coherence", help="comma-separated subset")
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=None, help="speed canvas width (default 1024; --full 2048)")
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--stride", type=int, default=None, help="window stride px (default 256; --full 128)")
+    p.add_argument("--sections", default=None,
+                   help="comma-separated subset of speed,shape,memory,decode,coherence (shape: CPU default only)")
+    p.add_argument("--height", type=int, default=None, help="speed canvas height (default 256; --full 512)")
+    p.add_argument("--width", type=int, default=None, help="speed canvas width (default 512; --full 2048)")
+    p.add_argument("--window", type=int, default=None, help="window px (default 256; --full 512)")
+    p.add_argument("--stride", type=int, default=None, help="window stride px (default 128; --full 128)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 10; --full 50)")
     p.add_argument("--seeds", type=int, default=1, help="panoramas per speed measurement")
     p.add_argument("--view-batch-size", type=int, default=4)
@@ -222,21 +284,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory-window", type=int, default=None, help="window px of the memory runs (default 128; --full 512)")
     p.add_argument("--memory-stride", type=int, default=None, help="default: half the memory window")
     p.add_argument("--decode-widths", type=int, nargs="+", default=[2048, 8192])
-    p.add_argument("--coherence-window", type=int, default=None, help="default 128; --full 512")
+    p.add_argument("--coherence-window", type=int, default=None, help="default 64; --full 512")
     p.add_argument("--coherence-crops", type=int, default=4, help="canvas width in windows")
-    p.add_argument("--coherence-stride", type=int, default=None, help="default: a quarter of the window")
+    p.add_argument("--coherence-stride", type=int, default=None, help="default: half the window; --full a quarter")
     p.add_argument("--coherence-steps", type=int, default=None, help="default 20; --full 50")
     p.add_argument("--coherence-seeds", type=int, default=4)
+    p.add_argument("--variant", action="append", default=[],
+                   help="extra fast-preset variant rows in the coherence section, "
+                        "NAME:sync.until=10,denoiser.sync_decode_scale=1 "
+                        "(until written for 50 steps; denoiser.sync_vae=1 uses the benchmark TAESD)")
     a = p.parse_args(argv)
     full = a.full
     a.threads = a.threads if a.threads is not None else (1 if a.device == "cpu" else 0)
-    a.width = a.width or (2048 if full else 1024)
-    a.stride = a.stride or (128 if full else 256)
+    a.window = a.window or (512 if full else 256)
+    a.height = a.height or a.window
+    a.width = a.width or (2048 if full else 2 * a.window)
+    a.stride = a.stride or (128 if full else a.window // 2)
+    a.sections = a.sections or ("speed,memory,decode,coherence" if full else "speed,shape,memory,decode,coherence")
     a.steps = a.steps or (50 if full else 10)
     a.memory_window = a.memory_window or (512 if full else 128)
     a.memory_stride = a.memory_stride or a.memory_window // 2
-    a.coherence_window = a.coherence_window or (512 if full else 128)
-    a.coherence_stride = a.coherence_stride or a.coherence_window // 4
+    a.coherence_window = a.coherence_window or (512 if full else 64)
+    a.coherence_stride = a.coherence_stride or a.coherence_window // (4 if full else 2)
     a.coherence_steps = a.coherence_steps or (50 if full else 20)
     a.name = a.name or (a.device.split(":")[0] + ("-full" if full else ""))
     return a
@@ -261,18 +330,29 @@ def main(argv: list[str] | None = None) -> int:
     model, taesd = (str(p) for p in bench_model_paths())
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     out: dict[str, Any] = {"args": vars(args), "environment": environment(args)}
-    builders = {"speed": lambda: speed_jobs(args, model, taesd), "memory": lambda: memory_jobs(args, model),
+    builders = {"speed": lambda: speed_jobs(args, model, taesd), "shape": lambda: shape_jobs(args, model, taesd),
+                "memory": lambda: memory_jobs(args, model),
                 "decode": lambda: decode_jobs(args, model), "coherence": lambda: coherence_jobs(args, model, taesd)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{args.name}.json"
     for section in sections:
         print(f"[{section}]", file=sys.stderr, flush=True)
-        out[section] = [run_job(job, verbose=True) for job in builders[section]()]
-        path.write_text(json.dumps(out, indent=1) + "\n")  # partial results survive an interrupted run
+        out[section] = []
+        for job in builders[section]():
+            out[section].append(run_job(job, verbose=True))
+            path.write_text(json.dumps(out, indent=1) + "\n")  # partial results survive an interrupted run
+    timed = out.get("speed", []) + out.get("shape", [])
+    if timed:
+        out["targets"] = targets(timed)
+        out["per_view_seconds"] = per_view_seconds(timed)
     if "speed" in out:
-        out["targets"] = targets(out["speed"])
         print(f"\n## speed ({args.height}x{args.width}, window {args.window}, stride {args.stride}, {args.steps} steps,"
               f" view batch {args.view_batch_size}, {args.device})\n\n{speed_table(out['speed'])}\n")
+    if "shape" in out:
+        j = out["shape"][0]["job"]
+        print(f"\n## 512x2048-shaped ({j['height']}x{j['width']}, stride {j['stride']}, {args.steps} steps)\n\n"
+              f"{speed_table(out['shape'])}\n")
+    if timed:
         print("targets: " + ", ".join(f"{k} = {v:.2f}" for k, v in out["targets"].items()))
     if "memory" in out:
         print(f"\n## memory (view batch {args.view_batch_size}, paper sync, 1 step)\n\n{memory_table(out['memory'])}")

@@ -121,7 +121,7 @@ def run_diffusers(job: dict[str, Any]) -> dict[str, Any]:
 def syncengine_spec(job: dict[str, Any], seed: int, output_dir: str) -> dict[str, Any]:
     sync = {"loss": {"name": "lpips", "net": "vgg", "backbone": "random"}, "weight": 0.0}
     sync.update(job.get("sync", {}))
-    denoiser = {"name": "stable-diffusion", "pretrained": job["model"], "device": job["device"]}
+    denoiser = {"name": "stable-diffusion", "pretrained": job["model"], "device": job["device"], "dtype": "float32"}
     denoiser.update(job.get("denoiser", {}))
     return {
         "canvas": {"height": job["height"], "width": job["width"]},
