@@ -80,7 +80,7 @@ def cache(tmp_path_factory) -> str:
     return root
 
 
-def cli(cache: str, *args: str, script: bool = False, timeout: int = 240) -> subprocess.CompletedProcess:
+def cli(cache: str, *args: str, script: bool = False, timeout: int = 480) -> subprocess.CompletedProcess:
     """``syncengine generate ... runtime.devices=2`` in a fresh process (rank 0; Lightning starts rank 1)."""
     entry = [str(SCRIPT)] if script else ["-m", "syncengine"]
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
