@@ -3,13 +3,21 @@
 Window sharding (``runtime.shard: windows``) swaps in :class:`TorchDistributedCollective`: every rank owns a balanced
 share of the views, merges its contributions into canvas-sized sums, and the ranks all-reduce those sums once per
 step. The anchor's target is computed by its owner and broadcast.
+
+Collectives match by call order only, so every rank must make the same calls for every request. Before the first
+collective of a request the ranks *agree* (one small ``all_gather_object``): on the request, on its views, and on
+whether every rank got that far. A rank whose request failed before that point (a file missing on its node) takes part
+in the agreement with its error instead, and every rank then skips the request together rather than waiting forever.
 """
 from __future__ import annotations
 
 import time
+import zlib
 from typing import Any, Sequence, TypeVar
 
 import torch
+
+from .errors import SyncEngineError
 
 T = TypeVar("T")
 
@@ -22,14 +30,25 @@ class Collective:
 
     def __init__(self) -> None:
         self.stats: dict[str, Any] = {}
+        self.request: int | None = None
+        self.agreed = False
         self.reset_stats()
 
+    def begin(self, request: int) -> None:
+        """A new request: the counters restart and the ranks have not agreed on it yet."""
+        self.request, self.agreed = request, False
+        self.reset_stats()
+
+    def agree(self, items: Sequence[Any] = (), error: str | None = None) -> None:
+        """Check that every rank runs this request with the same views (see the module docstring); a single process
+        has nothing to check. ``error``: this rank failed before sampling and joins only to tell the others."""
+        self.agreed = True
+
     def reset_stats(self) -> None:
-        """Zero the counters; the Lightning module calls it before each request, so a sidecar's ``stats`` count that
-        request's collectives only. ``seconds_*`` is wall time inside the collective: transfer plus waiting for the
+        """Zero the counters (at each :meth:`begin`), so a sidecar's ``stats`` count that request's collectives only. ``seconds_*`` is wall time inside the collective: transfer plus waiting for the
         slowest rank (load imbalance shows up there)."""
         self.stats = {"all_reduce_calls": 0, "all_reduce_bytes": 0, "broadcast_calls": 0, "broadcast_bytes": 0,
-                      "seconds_all_reduce": 0.0, "seconds_broadcast": 0.0}
+                      "agreement_calls": 0, "seconds_all_reduce": 0.0, "seconds_broadcast": 0.0}
 
     def owned(self, items: Sequence[T]) -> list[T]:
         return list(items)
@@ -43,6 +62,13 @@ class Collective:
     def broadcast_(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         """Overwrite ``tensor`` on every rank with rank ``src``'s (same shape everywhere)."""
         return tensor
+
+
+def views_fingerprint(views: Sequence[Any]) -> tuple[int, int]:
+    """(count, checksum) of the views' kinds, indices, sizes and positions: equal on ranks that built the same views."""
+    text = repr([(type(v).__name__, getattr(v, "index", None), getattr(v, "latent_size", None), getattr(v, "box", None))
+                 for v in views])
+    return len(views), zlib.crc32(text.encode())
 
 
 def balanced_slices(count: int, world_size: int) -> list[range]:
@@ -68,8 +94,28 @@ class TorchDistributedCollective(Collective):
         self.world_size = dist.get_world_size()
 
     def owned(self, items: Sequence[T]) -> list[T]:
+        if not self.agreed:
+            self.agree(items)
         share = balanced_slices(len(items), self.world_size)[self.rank]
         return [items[i] for i in share]
+
+    def agree(self, items: Sequence[Any] = (), error: str | None = None) -> None:
+        self.agreed = True
+        mine = (self.request, None if error is not None else views_fingerprint(items), error)
+        everyone: list[Any] = [None] * self.world_size
+        self._dist.all_gather_object(everyone, mine)
+        self.stats["agreement_calls"] += 1
+        if error is not None:
+            return  # this rank reports its own failure
+        failed = [(r, e) for r, (_, _, e) in enumerate(everyone) if e is not None]
+        if failed:
+            rank, message = failed[0]
+            raise SyncEngineError(f"failed on rank {rank}: {message}")
+        if len({req for req, _, _ in everyone}) > 1:
+            raise SyncEngineError(f"ranks are on different requests {[req for req, _, _ in everyone]}")
+        if len({fp for _, fp, _ in everyone}) > 1:
+            raise SyncEngineError(f"ranks built different views (count, checksum per rank: {[fp for _, fp, _ in everyone]})"
+                                  "; every node must see the same spec and input files")
 
     def owner_of(self, position: int, count: int) -> int:
         for r, share in enumerate(balanced_slices(count, self.world_size)):

@@ -77,11 +77,14 @@ class JointDiffusionModule(L.LightningModule):
             if bar is not None:
                 bar.update(done - bar.n)
 
-        self.pipeline.collective.reset_stats()  # the sidecar counts this request's collectives only
+        collective = self.pipeline.collective
+        collective.begin(index)  # the sidecar counts this request's collectives only
         try:
             with torch.enable_grad():  # Lightning may wrap predict in no_grad (gloo): the sync step needs grad
                 return self.pipeline.run(index, progress)
         except SyncEngineError as exc:
+            if not collective.agreed:  # failed before the request's first collective: the other ranks are waiting
+                collective.agree(error=str(exc))
             log.error("request %s (%s) failed: %s", index, request.name, exc)
             return Failed(request, index, str(exc))
         finally:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,19 +28,27 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve()
 LATENT_TOL = 1e-4
 
-# One windows run, three requests: a panorama with sync on (4 views of 64 px on a 64x160 canvas; the 2 ranks own
-# views [0, 1] and [2, 3], so the anchor, view 2, is computed on rank 1 and broadcast), a request that fails (its
-# override names a missing model), and a 360-degree perspective ring with sync on (8 + 2 projected views of 32 px on
-# a 64x128 equirectangular canvas; per-request overrides switch the tiler). Sync on steps 1 and 3 (every=2).
+# One 2-process windows run of five requests, compared with one process:
+# - pano: a panorama with sync on (4 views of 64 px on a 64x160 canvas; the 2 ranks own views [0, 1] and [2, 3], so
+#   the anchor, view 2, is computed on rank 1 and broadcast), sync on steps 1 and 3 (every=2);
+# - bad: its override names a missing model (fails on both ranks);
+# - onesided: fails on rank 1 only, before sampling (as if its input file were missing on that node);
+# - sphere, sphere-x0: a 360-degree perspective ring with sync on (8 + 2 projected views of 32 px on a 64x128
+#   equirectangular canvas, 2 steps; per-request overrides switch the tiler), merging x_t, then merging x0.
 BASE = ["canvas.height=64", "canvas.width=160", "tiler.window=64", "tiler.stride=32", "sampler.steps=4",
         "sampler.view_batch_size=2", "sync.weight=20", "sync.every=2", "runtime.progress=false"]
 SPHERICAL = {"canvas.width": 128, "tiler.name": "perspective", "tiler.window": 32, "tiler.fov": 90,
-             "tiler.views_per_ring": 8, "tiler.pitches": [0.0], "tiler.poles": True, "sync.weight": 5}
+             "tiler.views_per_ring": 8, "tiler.pitches": [0.0], "tiler.poles": True, "sync.weight": 5,
+             "sampler.steps": 2}
 REQUESTS = [
     {"prompt": "a mountain range", "seed": 0, "name": "pano"},
     {"prompt": "broken", "name": "bad", "overrides": {"denoiser.pretrained": "/no/such/model"}},
+    {"prompt": "only rank 1 fails", "name": "onesided"},  # see FAIL_ON_RANK_1
     {"prompt": "a forest clearing", "seed": 3, "name": "sphere", "overrides": SPHERICAL},
+    {"prompt": "a forest clearing", "seed": 3, "name": "sphere-x0", "overrides": {**SPHERICAL, "merger.target": "x0"}},
 ]
+FAILING = ("bad", "onesided")
+FAIL_ON_RANK_1 = "SYNCENGINE_TEST_FAIL_ON_RANK_1"  # a request name: as if its input file were missing on rank 1's node
 
 
 def saving_latents_too(write):
@@ -53,11 +62,25 @@ def saving_latents_too(write):
     return write_result
 
 
+def failing_on_rank_1(run, name: str):
+    """``Pipeline.run`` that raises for request ``name`` on rank 1 before doing anything."""
+    from syncengine.errors import SyncEngineError
+
+    def wrapped(self, index, progress=None):
+        if os.environ.get("LOCAL_RANK") == "1" and self.requests()[index].name == name:
+            raise SyncEngineError(f"input file of {name} not found on this node (simulated)")
+        return run(self, index, progress)
+
+    return wrapped
+
+
 if __name__ == "__main__":  # Lightning's ddp launcher re-runs this same command line for rank 1
-    from syncengine import lightning_module
+    from syncengine import lightning_module, pipeline
     from syncengine.cli import main
 
     lightning_module.write_result = saving_latents_too(lightning_module.write_result)
+    if os.environ.get(FAIL_ON_RANK_1):
+        pipeline.Pipeline.run = failing_on_rank_1(pipeline.Pipeline.run, os.environ[FAIL_ON_RANK_1])
     sys.exit(main(sys.argv[1:]))
 
 
@@ -80,15 +103,24 @@ def cache(tmp_path_factory) -> str:
     return root
 
 
-def cli(cache: str, *args: str, script: bool = False, timeout: int = 480) -> subprocess.CompletedProcess:
-    """``syncengine generate ... runtime.devices=2`` in a fresh process (rank 0; Lightning starts rank 1)."""
+def cli(cache: str, *args: str, script: bool = False, env: dict | None = None, timeout: int = 480):
+    """``syncengine generate ... runtime.devices=2`` in a fresh process (rank 0; Lightning starts rank 1), in its own
+    process group so that a hung run is killed with its rank-1 child."""
     entry = [str(SCRIPT)] if script else ["-m", "syncengine"]
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "SYNCENGINE_CACHE": cache, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    env = {**os.environ, "SYNCENGINE_CACHE": cache, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(env or {})}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    return subprocess.run([sys.executable, *entry, "generate", *args, "runtime.progress=false"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    cmd = [sys.executable, *entry, "generate", *args, "runtime.progress=false"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s (a collective waiting forever?):\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def assert_same_output(one: Path, two: Path, name: str) -> dict:
@@ -104,9 +136,10 @@ def assert_same_output(one: Path, two: Path, name: str) -> dict:
 
 
 def expected_collectives(meta: dict, channels: int = 4) -> dict:
-    """docs/sharding.md, "Bytes per step": one all-reduce per step of (C+1)*H*W fp32 values (noise sum + weight),
-    twice that on sync steps (the window sum + weight too); one broadcast of the anchor's decoded image (3*h*w fp32)
-    per sync step and sync group."""
+    """docs/sharding.md, "Communication per step": one all-reduce per step of (C+1)*H*W fp32 values (noise sum +
+    weight; x0 sum + weight when merging x0), twice that on sync steps (merging x_t: the window sum + weight too) or on
+    the last step (merging x0: the x_t sum + weight); one broadcast of the anchor's decoded image (3*h*w fp32) per sync
+    step and sync group."""
     spec = meta["spec"]
     f = 8
     h, w = spec["canvas"]["height"] // f, spec["canvas"]["width"] // f
@@ -114,9 +147,10 @@ def expected_collectives(meta: dict, channels: int = 4) -> dict:
     weights = [sync["weight"] * sync["decay"] ** i if (i + 1) % sync["every"] == 0 else 0.0 for i in range(steps)]
     sync_steps = sum(1 for x in weights if x > 0)
     window = spec["tiler"]["window"]
+    doubled = 1 if spec["merger"]["target"] == "x0" else sync_steps  # x0: the last step also merges x_t
     return {
         "all_reduce_calls": steps,
-        "all_reduce_bytes": (channels + 1) * h * w * 4 * (steps + sync_steps),
+        "all_reduce_bytes": (channels + 1) * h * w * 4 * (steps + doubled),
         "broadcast_calls": sync_steps,
         "broadcast_bytes": sync_steps * 3 * window * window * 4,
     }
@@ -134,24 +168,27 @@ def windows(cache, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("windows")
     prompts, good = tmp / "all.jsonl", tmp / "good.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in REQUESTS))
-    good.write_text("".join(json.dumps(r) + "\n" for r in REQUESTS if r["name"] != "bad"))
+    good.write_text("".join(json.dumps(r) + "\n" for r in REQUESTS if r["name"] not in FAILING))
     two, one = tmp / "two", tmp / "one"
     run = cli(cache, "configs/demo.yaml", "--prompts", str(prompts), *BASE, "runtime.devices=2",
-              "runtime.strategy=ddp", "runtime.shard=windows", f"runtime.output_dir={two}", script=True)
+              "runtime.strategy=ddp", "runtime.shard=windows", f"runtime.output_dir={two}", script=True,
+              env={FAIL_ON_RANK_1: "onesided"})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SYNCENGINE_CACHE", cache)
         mp.setattr(lightning_module, "write_result", saving_latents_too(lightning_module.write_result))
         summary = generate("configs/demo.yaml", [*BASE, f"runtime.output_dir={one}"], good)
-    assert summary.ok and len(summary.written) == 2
+    assert summary.ok and len(summary.written) == 3
     return run, one, two
 
 
-def test_a_bad_request_is_reported_once_and_skipped_in_a_two_process_run(windows):
+def test_bad_requests_are_reported_once_and_skipped_in_a_two_process_run(windows):
     run, _, two = windows
     assert run.returncode == 2, run.stderr[-3000:]  # a failed request makes the run exit non-zero...
-    assert "failed bad" in run.stderr and "2 written, 1 failed" in run.stderr  # ...reported once, by rank 0
-    assert run.stderr.count(" written, ") == 1 and run.stdout.count("wrote") == 2
-    assert sorted(p.name for p in two.glob("*.png")) == ["pano.png", "sphere.png"]  # the others ran and stay
+    assert "3 written, 2 failed" in run.stderr and run.stderr.count(" written, ") == 1  # ...reported once, by rank 0
+    assert "failed bad: " in run.stderr and "/no/such/model" in run.stderr
+    # a request that fails on one rank only (before sampling) is skipped by both, with that rank's reason
+    assert "failed onesided: failed on rank 1: input file of onesided not found" in run.stderr
+    assert sorted(p.name for p in two.glob("*.png")) == ["pano.png", "sphere-x0.png", "sphere.png"]  # the others ran
 
 
 def test_windows_panorama_with_sync_equals_one_process(windows):
@@ -167,7 +204,13 @@ def test_windows_spherical_ring_with_sync_equals_one_process(windows):
     assert meta["stats"]["owned_views"] == 5 and meta["stats"]["views"] == 10 and meta["stats"]["sync_views"] > 0
 
 
-@pytest.mark.parametrize("name", ["pano", "sphere"])
+def test_windows_x0_merging_equals_one_process(windows):
+    _, one, two = windows
+    meta = assert_same_output(one, two, "sphere-x0")
+    assert meta["spec"]["merger"]["target"] == "x0" and meta["stats"]["owned_views"] == 5
+
+
+@pytest.mark.parametrize("name", ["pano", "sphere", "sphere-x0"])
 def test_collectives_per_request_match_the_documented_formula(windows, name):
     meta = json.loads((windows[2] / f"{name}.json").read_text())
     counted = {k: meta["stats"][k] for k in ("all_reduce_calls", "all_reduce_bytes", "broadcast_calls",
