@@ -306,7 +306,27 @@ def test_collective_counts_a_real_all_reduce(tmp_path):
         c.broadcast_(torch.zeros(1, 3, 8, 8), 0)
         assert c.stats["all_reduce_calls"] == 1 and c.stats["all_reduce_bytes"] == (4 + 1) * 15 * 4
         assert c.stats["broadcast_calls"] == 1 and c.stats["broadcast_bytes"] == 3 * 64 * 4
-        c.reset_stats()
-        assert c.stats["all_reduce_calls"] == 0 and c.stats["broadcast_bytes"] == 0
+        c.begin(3)  # a new request: counters restart; the first owned() agrees with the other ranks
+        assert c.stats["all_reduce_calls"] == 0 and c.stats["broadcast_bytes"] == 0 and not c.agreed
+        assert c.owned(list(range(5))) == list(range(5)) and c.agreed and c.stats["agreement_calls"] == 1
+        c.owned(list(range(5)))
+        assert c.stats["agreement_calls"] == 1  # once per request
     finally:
         dist.destroy_process_group()
+
+
+def test_views_fingerprint_tells_different_views_apart():
+    from syncengine.collective import views_fingerprint
+    from syncengine.views import CanvasSpec
+    from syncengine_panorama.sliding import SlidingTiler
+
+    canvas = CanvasSpec(64, 256)
+
+    def views(stride):
+        return SlidingTiler(SlidingTiler.Config(window=64, stride=stride)).views(canvas)
+
+    assert views_fingerprint(views(32)) == views_fingerprint(views(32))  # rebuilt the same: equal
+    assert views_fingerprint(views(32)) != views_fingerprint(views(16))
+    shifted = views(32)
+    shifted[1].left += 1
+    assert views_fingerprint(shifted) != views_fingerprint(views(32))
