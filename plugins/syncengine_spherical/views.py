@@ -41,6 +41,7 @@ class ProjectedView(View):
         out += geometry.adjoint(self.extract, window.to(out.device, out.dtype), tuple(out.shape[-2:]))
 
     def extract_noise(self, noise: torch.Tensor) -> torch.Tensor:
-        """This view's initial x_T for x0 merging: a nearest-neighbour projection of the canvas noise, whose samples
-        stay N(0, 1) (bilinear interpolation would average neighbours and shrink the variance to ~0.5)."""
+        """This view's initial x_T for x0 merging: a nearest-neighbour projection of the canvas noise. Each sample is
+        one canvas sample, so N(0, 1) (bilinear interpolation averages neighbours: variance ~0.5); where the view is
+        finer than the canvas, neighbouring samples repeat, so give the canvas at least the views' resolution."""
         return geometry.sample_perspective(noise, self.grid.to(noise.device), "nearest")
