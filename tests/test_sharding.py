@@ -1,8 +1,9 @@
 """Multi-process runs: 2 CPU processes (gloo) launched by Lightning's ``ddp`` strategy from the CLI.
 
 ``shard=windows`` must give the single-process image and latents; ``shard=requests`` must write every request exactly
-once when the count does not divide by the ranks; a bad request is reported by rank 0 and skipped; the collectives
-of each request are counted in its sidecar and must match the formula in docs/sharding.md.
+once when the count does not divide by the ranks; a bad request (failing on both ranks, or on rank 1 only before
+sampling) is reported by rank 0 and skipped by both; the collectives of each request are counted in its sidecar and
+must match the formula in docs/sharding.md.
 
 Tolerance: the 2-process run sums the views' contributions in another order (two partial canvases, then the
 all-reduce), and batches the views differently, so floats differ in the last bits; over a few steps this stays below
