@@ -122,7 +122,7 @@ class ViewGroup:
     forward: torch.Tensor
     backward: torch.Tensor
     image_hw: tuple[int, int]
-    _levels: dict[Any, Neighbourhood] = field(default_factory=dict)
+    _levels: dict[Any, Any] = field(default_factory=dict)  # per-level geometry, shareable between groups
 
     def level(self, hw: tuple[int, int], device: torch.device, dtype: torch.dtype) -> Neighbourhood:
         """The neighbourhoods at one feature size, on ``device``: the ``grid_sample`` grid ``[m*n, k*h, w, 2]`` (in
