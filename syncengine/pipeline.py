@@ -141,11 +141,8 @@ class Pipeline:
         t2 = time.perf_counter()
         image = decode_canvas(denoiser, result.latents, tiler.periodic_width, bool(cfg.runtime.tiled_decode))
         timings["decode"] = time.perf_counter() - t2
-        extra, metadata = dict(denoiser.request_images()), {}
-        finish = getattr(tiler, "finish_output", None)  # optional: (extra images, metadata) of the finished image
-        if finish is not None:
-            images, metadata = finish(image[0].cpu(), canvas)
-            extra.update(images)
+        images, metadata = tiler.finish_output(image[0].cpu(), canvas)  # e.g. 360°: cube faces, viewer metadata
+        extra = {**denoiser.request_images(), **images}
         timings["total"] = time.perf_counter() - t0
         return Generated(request, index, image[0].cpu(), result.latents.cpu(), spec.to_container(), result.stats,
                          timings, denoiser.describe(), extra, metadata)

@@ -230,8 +230,8 @@ class JointSampler:
                                                    f"{type(scheduler).__name__}")
         alphas = scheduler.alphas_cumprod.to(torch.float32)
         ptype = scheduler.config.prediction_type
-        # Drawn once on the canvas; a view may read its noise so that it keeps unit variance (nearest sampling).
-        states = {v.index: getattr(v, "extract_noise", v.extract)(noise.to(device)) for v in owned}
+        # Drawn once on the canvas; each view reads its own x_T so that it keeps unit variance (View.extract_noise).
+        states = {v.index: v.extract_noise(noise.to(device)) for v in owned}
         zeros = torch.zeros(noise.shape, device=device)
         timesteps = scheduler.timesteps
         latents = zeros

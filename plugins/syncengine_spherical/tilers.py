@@ -46,7 +46,7 @@ class SphericalTiler(Tiler):
         check_export(self.config)
 
     def finish_output(self, image: torch.Tensor, canvas: CanvasSpec):
-        """Extra images and metadata of a finished equirectangular image (the pipeline's optional tiler hook)."""
+        """Extra images (exports) and metadata (GPano XMP, projection for the sidecar) of the finished image."""
         cameras = [v.context["camera"] for v in self.views(canvas)]
         return finish(image, self.config, cameras, self.config.window, self.spec_name)
 
