@@ -16,6 +16,15 @@ from syncengine.pipeline import Pipeline
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: these models are tiny, and on a busy shared CPU two OpenMP threads run >10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def cost_model(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
@@ -47,7 +56,7 @@ class Counts:
             self.rows += n
             self.grad_rows += n if torch.is_grad_enabled() else 0
 
-        den.unet.register_forward_pre_hook(unet_hook, with_kwargs=True)
+        self.handle = den.unet.register_forward_pre_hook(unet_hook, with_kwargs=True)
         self._wrap(monkeypatch, den.vae, "vae")
         if den.sync_decoder is not None:
             self._wrap(monkeypatch, den.sync_decoder, "tiny")
@@ -69,9 +78,28 @@ class Counts:
         monkeypatch.setattr(module, "decode", decode)
 
 
+@pytest.fixture
+def count(monkeypatch):
+    """``count(denoiser) -> Counts``; the UNet hook goes away after the test (the model may be shared)."""
+    made = []
+
+    def make(den):
+        made.append(Counts(den, monkeypatch))
+        return made[-1]
+
+    yield make
+    for counts in made:
+        counts.handle.remove()
+
+
+_PIPELINES: dict[str, Pipeline] = {}
+
+
 def _run(spec):
+    """Resolve a spec and reuse one Pipeline (hence one loaded model and loss) across this file's tests."""
     resolved = resolve(spec)
-    pipe = Pipeline(resolved)
+    pipe = _PIPELINES.setdefault("shared", Pipeline(resolved))
+    pipe.resolved = resolved
     den = pipe.denoiser_for(resolved)
     return resolved, pipe, den
 
@@ -89,14 +117,14 @@ SYNC = {"loss": {"name": "lpips", "net": "alex", "backbone": "random"}, "decay":
         (10.0, 4, 4, 2, 1, 2),  # until: only the first two steps
     ],
 )
-def test_model_calls_follow_the_cost_model(tiny_spec, with_torch_home, monkeypatch, cost_model,
+def test_model_calls_follow_the_cost_model(tiny_spec, with_torch_home, count, cost_model,
                                            weight, steps, vbs, sbs, every, until):
     spec = tiny_spec(
         sync={**SYNC, "weight": weight, "every": every, "until": until, "batch_size": sbs},
         sampler={"steps": steps, "view_batch_size": vbs},
     )
     resolved, pipe, den = _run(spec)
-    counts = Counts(den, monkeypatch)
+    counts = count(den)
     out = pipe.run(0)
     n = out.stats["views"]
     expected = cost_model.panorama_costs(n, steps, vbs, sbs, weight, every, until)
@@ -145,13 +173,13 @@ def test_sync_resolution_sizes_the_loss_images(tiny_spec, with_torch_home):
     torch.testing.assert_close(small, ref)
 
 
-def test_sync_vae_replaces_the_decoder_for_the_loss_only(tiny_spec, with_torch_home, tiny_taesd, monkeypatch, cost_model):
+def test_sync_vae_replaces_the_decoder_for_the_loss_only(tiny_spec, with_torch_home, tiny_taesd, count, cost_model):
     from diffusers import AutoencoderTiny
 
     spec = tiny_spec(sync={**SYNC, "weight": 10.0}, sampler={"steps": 2, "view_batch_size": 4},
                      denoiser={"sync_vae": str(tiny_taesd)})
     resolved, pipe, den = _run(spec)
-    counts = Counts(den, monkeypatch)
+    counts = count(den)
     pipe.run(0)
     expected = cost_model.panorama_costs(4, 2, 4)
     assert counts.tiny == expected.sync_decodes and counts.vae == 1  # the full VAE decodes the final canvas only
@@ -191,7 +219,7 @@ def test_sync_decode_scale_out_of_range_is_a_config_error(scale):
         StableDiffusionDenoiser(StableDiffusionConfig(pretrained="unused", sync_decode_scale=scale))
 
 
-def test_gradient_checkpointing_recomputes_in_the_sync_backward_only(tiny_spec, with_torch_home):
+def test_gradient_checkpointing_recomputes_in_the_sync_backward_only(tiny_spec, with_torch_home, monkeypatch):
     spec = dict(sync={**SYNC, "weight": 10.0}, sampler={"steps": 2, "view_batch_size": 4})
     plain = _run(tiny_spec(**spec))[1].run(0)
     resolved, pipe, den = _run(tiny_spec(**spec, denoiser={"gradient_checkpointing": True}))
@@ -205,7 +233,7 @@ def test_gradient_checkpointing_recomputes_in_the_sync_backward_only(tiny_spec, 
             calls["grad" if torch.is_grad_enabled() else "nograd"] += 1
             return _original(*args, **kwargs)
 
-        block._gradient_checkpointing_func = counting
+        monkeypatch.setattr(block, "_gradient_checkpointing_func", counting)
     out = pipe.run(0)
     assert calls["grad"] > 0 and calls["nograd"] == 0
     torch.testing.assert_close(out.latents, plain.latents, atol=1e-5, rtol=1e-5)  # same math, less memory
@@ -240,7 +268,7 @@ def test_runtime_tiled_decode_reaches_the_denoiser(tiny_spec, monkeypatch):
     assert seen == [True]
 
 
-def test_fast_preset_validates_and_runs_shrunk(tiny_sd, tiny_taesd, with_torch_home, tmp_path, monkeypatch, cost_model):
+def test_fast_preset_validates_and_runs_shrunk(tiny_sd, tiny_taesd, with_torch_home, tmp_path, count, cost_model):
     resolved = resolve("fast")
     c = resolved.config
     assert c.sync.weight == 20 and c.sync.decay == 0.95 and c.sync.loss.net == "vgg"  # the paper's loss and weights
@@ -253,7 +281,7 @@ def test_fast_preset_validates_and_runs_shrunk(tiny_sd, tiny_taesd, with_torch_h
     ])
     pipe = Pipeline(shrunk)
     den = pipe.denoiser_for(shrunk)
-    counts = Counts(den, monkeypatch)
+    counts = count(den)
     out = pipe.run(0)
     expected = cost_model.panorama_costs(3, 4, int(c.sampler.view_batch_size), until=2)
     assert out.image.shape == (3, 64, 128) and out.stats["sync_steps"] == 2
