@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import registry
 from .errors import ConfigError, SyncEngineError
+from .denoiser import Denoiser
 from .views import CanvasSpec
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -377,6 +378,9 @@ def validate(raw: DictConfig | dict) -> ResolvedSpec:
     resolved = ResolvedSpec(top, plugin_configs, plugin_classes)
     tiler = resolved.build("tiler")
     tiler.validate(resolved.canvas)
+    denoiser_cls = plugin_classes["denoiser"]
+    if getattr(denoiser_cls.check_run, "__func__", None) is not Denoiser.check_run.__func__:  # views cost only then
+        denoiser_cls.check_run(resolved, tiler.views(resolved.canvas))
     resolved.build("merger")  # mergers check their options on construction; cheap
     return resolved
 

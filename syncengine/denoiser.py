@@ -92,6 +92,11 @@ class Denoiser(Plugin):
         with torch.no_grad():
             return self.decode(latents)
 
+    @classmethod
+    def check_run(cls, spec: Any, views: Sequence[View]) -> None:
+        """Validation before any weights load, given the resolved spec and the tiler's views: a denoiser with needs
+        on them (all views in one batch, cameras on every view) raises :class:`ConfigError` here. None by default."""
+
     def prepare_request(self, request: Any, canvas: Any) -> None:
         """Hook called once per request before sampling (e.g. to load and crop a condition image)."""
 

@@ -324,17 +324,37 @@ def test_preset_generates_a_360_panorama_with_sync_on_tiny_weights(tiny_mv, tmp_
     assert '"neighbors": "ring"' in text and '"sync_steps": 2' in text
 
 
-def test_views_split_across_batches_are_refused(tiny_mv, tmp_path):
-    from syncengine.api import generate
+def test_views_split_across_batches_are_refused_before_loading(tiny_mv, tmp_path):
+    from syncengine.api import resolve_run
 
-    summary = generate("configs/mvdiffusion-panorama.yaml",
-                       shrunk(tiny_mv, tmp_path, "sync.weight=0", "sampler.view_batch_size=4"))
-    assert len(summary.failed) == 1 and "sampler.view_batch_size" in summary.failed[0][1]
+    with pytest.raises(ConfigError, match="all 8 views of a request in one batch; set it to 8") as info:
+        resolve_run("configs/mvdiffusion-panorama.yaml", shrunk(tiny_mv, tmp_path, "sampler.view_batch_size=4"))
+    assert info.value.key == "sampler.view_batch_size"
+    with pytest.raises(ConfigError, match="runtime.shard: requests") as info:
+        resolve_run("configs/mvdiffusion-panorama.yaml", shrunk(tiny_mv, tmp_path, "runtime.devices=2"))
+    assert info.value.key == "runtime.shard"
+    resolve_run("configs/mvdiffusion-panorama.yaml", shrunk(tiny_mv, tmp_path, "runtime.devices=2",
+                                                            "runtime.shard=requests"))
 
 
-def test_views_without_cameras_are_refused(tiny_mv, tmp_path):
-    from syncengine.api import generate
+def test_split_batches_are_refused_at_run_time_too(tiny_mv):
+    """A sampler built by hand (no spec validation) that splits the views still fails clearly on step 0."""
+    from syncengine.denoiser import Step
 
-    summary = generate("configs/mvdiffusion-panorama.yaml", shrunk(
-        tiny_mv, tmp_path, "sync.weight=0", "tiler.name=sliding", "tiler.stride=16"))
-    assert len(summary.failed) == 1 and "needs views with a camera" in summary.failed[0][1]
+    den = MVDiffusionDenoiser(MVDiffusionConfig(pretrained=str(tiny_mv), checkpoint=None))
+    views = PerspectiveTiler(PerspectiveConfig(window=32, views_per_ring=4)).views(CanvasSpec(64, 128))
+    conds = [Conditioning(den.encode_prompt("a room"), 1.0)] * 2
+    step = Step(0, 2, torch.tensor(999))
+    x = torch.zeros(2, 4, 4, 4)
+    with torch.no_grad():
+        den.predict(x, step, conds, views[:2])
+        with pytest.raises(ConfigError, match="came apart"):
+            den.predict(x, step, conds, views[2:])
+
+
+def test_views_without_cameras_are_refused_before_loading(tiny_mv, tmp_path):
+    from syncengine.api import resolve_run
+
+    with pytest.raises(ConfigError, match="needs views with a camera"):
+        resolve_run("configs/mvdiffusion-panorama.yaml", shrunk(
+            tiny_mv, tmp_path, "tiler.name=sliding", "tiler.window=64", "tiler.stride=16"))

@@ -4,7 +4,7 @@ All views of one ``predict`` call are denoised jointly: per classifier-free-guid
 features attend (correspondence-aware attention, :mod:`.model`) to its neighbours' features around the pixels that
 the rotation-only homographies (:mod:`.correspondence`) pair with its own. That makes a view's prediction depend on
 the other views in its batch, so the sampler must hand over all views of a request at once
-(``sampler.view_batch_size`` >= number of views; checked on the first step). A batch with a subset of the views —
+(``sampler.view_batch_size`` >= number of views; checked by ``check_run`` before loading, and on the first step). A batch with a subset of the views —
 the SyncDiffusion step decodes the anchor alone and the other views together — runs the attention among the views
 present (a view alone is plain SD), exactly as the official model does for any number of views.
 """
@@ -100,6 +100,23 @@ class MVDiffusionDenoiser(StableDiffusionDenoiser):
                                                                     f"tiler made view {view.index}; give one per view")
             out.append(Conditioning(self.view_prompts[view.index], cond.guidance_scale))
         return out
+
+    @classmethod
+    def check_run(cls, spec: Any, views: Sequence[View]) -> None:
+        """Before any weights load: every view has a camera, all views fit one batch, and one process holds them."""
+        if any("camera" not in v.context for v in views):
+            raise ConfigError("tiler.name", "the mvdiffusion denoiser needs views with a camera; use the perspective "
+                                            "tiler")
+        c = spec.config
+        if int(c.sampler.view_batch_size) < len(views):
+            raise ConfigError("sampler.view_batch_size", f"is {c.sampler.view_batch_size}, but the mvdiffusion denoiser "
+                              f"needs all {len(views)} views of a request in one batch; set it to {len(views)}")
+        r = c.runtime
+        devices = r.devices
+        many = (isinstance(devices, int) and devices > 1) or (not isinstance(devices, (int, str)) and len(devices) > 1)
+        if r.shard == "windows" and (many or int(r.num_nodes) > 1):
+            raise ConfigError("runtime.shard", "windows sharding would split the views that the mvdiffusion "
+                              "denoiser attends across; use runtime.shard: requests (or one device)")
 
     def _check_one_batch(self, step: Step, views: Sequence[View]) -> None:
         """Views of one step arriving in disjoint no-grad batches means the sampler split them: refuse."""
