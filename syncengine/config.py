@@ -381,7 +381,14 @@ def validate(raw: DictConfig | dict) -> ResolvedSpec:
     denoiser_cls = plugin_classes["denoiser"]
     if getattr(denoiser_cls.check_run, "__func__", None) is not Denoiser.check_run.__func__:  # views cost only then
         denoiser_cls.check_run(resolved, tiler.views(resolved.canvas))
-    resolved.build("merger")  # mergers check their options on construction; cheap
+    merger = resolved.build("merger")  # mergers check their options on construction; cheap
+    if merger.target == "x0":
+        from .sampler import X0_SCHEDULERS
+        from .schedulers import ALIASES
+
+        scheduler = str(s.scheduler)
+        _check(ALIASES.get(scheduler, (scheduler,))[0] in X0_SCHEDULERS, "sampler.scheduler",
+               f"merger.target x0 takes one DDIM step per view; {scheduler!r} cannot: use ddim or merger.target xt")
     return resolved
 
 

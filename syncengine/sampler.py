@@ -73,7 +73,8 @@ def _batches(items: Sequence, size: int):
 
 
 def resolve_anchor(anchor: int | str, members: Sequence[View]) -> View:
-    """The anchor among a sync group's views: ``center`` (paper: N // 2), ``first``, ``last`` or a view index."""
+    """The anchor among a sync group's views: ``center`` (paper: N // 2), ``first``, ``last`` or a view index (groups
+    that do not hold that view use their centre; an index no group holds is an error, see :class:`JointSampler`)."""
     if anchor == "center":
         return members[len(members) // 2]
     if anchor == "first":
@@ -83,7 +84,7 @@ def resolve_anchor(anchor: int | str, members: Sequence[View]) -> View:
     for view in members:
         if view.index == int(anchor):
             return view
-    raise ConfigError("sync.anchor", f"view index {anchor} does not exist; views are 0..{len(members) - 1}")
+    return members[len(members) // 2]  # a group without that view (region layouts): its centre
 
 
 class JointSampler:
@@ -113,6 +114,9 @@ class JointSampler:
         self.options = options
         self.collective = collective or Collective()
         self.groups = self._sync_groups()
+        anchor = options.anchor
+        if not isinstance(anchor, str) and sync_loss is not None and all(v.index != int(anchor) for v in self.views):
+            raise ConfigError("sync.anchor", f"view index {anchor} does not exist; views are 0..{len(self.views) - 1}")
 
     def _sync_groups(self) -> dict[Any, tuple[View, list[View]]]:
         groups: dict[Any, list[View]] = {}
@@ -191,7 +195,9 @@ class JointSampler:
             x_buf = MergeBuffer(latents.shape, device=device) if weight > 0 else None
             t0 = time.perf_counter()
             for batch in _batches(owned, opts.view_batch_size):
-                x = torch.cat([v.prepare_input(v.extract(model_canvas), inputs) for v in batch])
+                read_x = [v.extract(model_canvas) for v in batch]
+                prepared = [v.prepare_input(r, inputs) for v, r in zip(batch, read_x)]
+                x = torch.cat(prepared)
                 if weight > 0:
                     ts = time.perf_counter()
                     x = self._sync_update(x, batch, step, conds, targets, weight, a, stats)
@@ -202,8 +208,9 @@ class JointSampler:
                 for k, view in enumerate(batch):
                     w = self.merger.weight(view, device=device)
                     eps_buf.add(view, out[k : k + 1], w)
-                    if x_buf is not None:
-                        x_buf.add(view, x[k : k + 1] / scale, w)
+                    if x_buf is not None:  # the window moved by the sync update (not what prepare_input composed)
+                        moved = x[k : k + 1] if prepared[k] is read_x[k] else read_x[k] + (x[k : k + 1] - prepared[k])
+                        x_buf.add(view, moved / scale, w)
             stats["seconds_denoise"] += time.perf_counter() - t0
             buffers = [eps_buf.sum, eps_buf.weight] + ([x_buf.sum, x_buf.weight] if x_buf is not None else [])
             self.collective.all_reduce_(buffers)

@@ -163,3 +163,9 @@ def test_unknown_key_inside_a_list_of_options_names_its_index():
                       "regions": [{"prompt": "a"}, {"prompt": "b", "mask": {"foo": 1}}]}}
     err = _err(spec)
     assert err.key == "tiler.regions.1.mask.foo" and "valid keys" in str(err)
+
+
+def test_x0_merging_needs_ddim_before_any_model_loads():
+    err = _err({**BASE, "merger": {"name": "average", "target": "x0"}}, ["sampler.scheduler=euler"])
+    assert err.key == "sampler.scheduler" and "ddim" in str(err)
+    assert resolve({**BASE, "merger": {"name": "average", "target": "x0"}}).config.merger.target == "x0"

@@ -156,3 +156,44 @@ def test_unknown_anchor_index_is_a_config_error(tiny_spec):
     resolved, den, loss, views = _parts(tiny_spec)
     with pytest.raises(ConfigError, match="sync.anchor"):
         JointSampler(den, views, resolved.build("merger"), loss, SyncSchedule(1.0), SamplerOptions(anchor=99))
+
+
+def test_integer_anchor_applies_to_the_group_that_holds_it(tiny_spec):
+    """Region layouts have several sync groups: an index picks the anchor of its own group, the others keep their
+    centre; an index no view has is still an error."""
+    resolved, den, loss, views = _parts(tiny_spec)
+    for v in views:
+        v.context["sync_group"] = "a" if v.index < 2 else "b"
+    sampler = JointSampler(den, views, resolved.build("merger"), loss, SyncSchedule(1.0), SamplerOptions(anchor=0))
+    groups = {key: anchor.index for key, (anchor, _) in sampler.groups.items()}
+    b = [v.index for v in views if v.index >= 2]
+    assert groups == {"a": 0, "b": b[len(b) // 2]}
+
+
+class _ShiftedInput:
+    """Wraps a view: its model input is its window plus a constant (a stand-in for region bootstrapping)."""
+
+    def __init__(self, view, shift):
+        self.view, self.shift = view, shift
+
+    def __getattr__(self, name):
+        return getattr(self.view, name)
+
+    def prepare_input(self, x, inputs):
+        return x + self.shift
+
+
+def test_what_prepare_input_composes_is_not_merged_on_sync_steps(tiny_spec):
+    """The canvas moves by the sync update only: a vanishing sync weight gives the weight-0 result, even when a view
+    composes its input (without the rule, the composed input would be merged into the canvas on sync steps only)."""
+    resolved, den, loss, views = _parts(tiny_spec)
+    shifted = [_ShiftedInput(v, 3.0) for v in views]
+    merger = resolved.build("merger")
+    canvas = resolved.canvas
+    opts = SamplerOptions(steps=2, view_batch_size=2)
+
+    def run(weight):
+        sampler = JointSampler(den, shifted, merger, loss if weight else None, SyncSchedule(weight, 1.0), opts)
+        return sampler.sample(Request("a photo of a mountain", seed=0), canvas).latents
+
+    torch.testing.assert_close(run(1e-6), run(0.0), rtol=1e-3, atol=1e-3)
