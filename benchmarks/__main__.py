@@ -100,6 +100,31 @@ def run_job(job: dict[str, Any], verbose: bool) -> dict[str, Any]:
     raise RuntimeError(f"benchmark job {job['name']} failed (exit {proc.returncode}):\n" + "\n".join(tail))
 
 
+def run_interleaved(jobs: list[dict], save) -> list[dict]:
+    """Timed jobs one panorama at a time, round-robin (A B C A B C ...): on a shared machine the load drifts, and
+    interleaving gives every job the same drift; times are then the fastest of each job's panoramas."""
+    merged: dict[str, dict] = {}
+    rounds = max(len(j["seeds"]) for j in jobs)
+    for r in range(rounds):
+        for job in jobs:
+            if r >= len(job["seeds"]):
+                continue
+            one = run_job({**job, "seeds": [job["seeds"][r]]}, verbose=True)
+            one["job"] = job
+            if job["name"] not in merged:
+                merged[job["name"]] = one
+            else:
+                m = merged[job["name"]]
+                m["seconds"] += one["seconds"]
+                m["seconds_mean"] = sum(m["seconds"]) / len(m["seconds"])
+                for key in ("peak_rss_mib", "peak_over_start_mib", "peak_cuda_mib"):
+                    if key in one:
+                        m[key] = max(m[key], one[key])
+            save_list = [merged[j["name"]] for j in jobs if j["name"] in merged]
+            save(save_list)
+    return [merged[j["name"]] for j in jobs]
+
+
 def base_job(args, model: str, **overrides) -> dict[str, Any]:
     job = {"kind": "syncengine", "model": model, "device": args.device, "height": args.height, "width": args.width,
            "window": args.window, "stride": args.stride, "steps": args.steps, "view_batch_size": args.view_batch_size,
@@ -352,7 +377,15 @@ def main(argv: list[str] | None = None) -> int:
     for section in sections:
         print(f"[{section}]", file=sys.stderr, flush=True)
         out[section] = []
-        for job in builders[section]():
+        jobs = builders[section]()
+        if section in ("speed", "shape"):
+            def save(partial, section=section):
+                out[section] = partial
+                path.write_text(json.dumps(out, indent=1) + "\n")
+
+            out[section] = run_interleaved(jobs, save)
+            continue
+        for job in jobs:
             out[section].append(run_job(job, verbose=True))
             path.write_text(json.dumps(out, indent=1) + "\n")  # partial results survive an interrupted run
     timed = out.get("speed", []) + out.get("shape", [])
