@@ -4,13 +4,17 @@ Sections (each measurement in a fresh process, see ``worker``):
 - speed: (a) diffusers ``StableDiffusionPanoramaPipeline``, (b) syncengine weight 0, (c) the paper's sync settings
   one window at a time (``sync.batch_size: 1``) and batched, (d) the ``fast`` preset. Seconds per panorama, ratio to
   (a), UNet rows, VAE decodes, backward passes, peak memory.
-- memory: peak memory for 4, 8 and 16 windows at a fixed view batch size (paper sync settings, one step).
+- shape: weight 0 and the fast preset on the 512x2048 geometry (13 windows) scaled to ``--window`` (CPU default).
+- memory: peak memory for 4, 8 and 16 windows at a fixed view batch size, and with every window in one batch
+  (paper sync settings, one step).
 - decode: the final decode of a 512x2048 and a 512x8192 canvas, with and without tiling.
 - coherence: intra-window LPIPS (the loss's own network) for weight 0, paper settings and the fast preset, over
   several seeds.
 
-Everything runs on the SD-2-shaped random-weight model of ``benchmarks.model``. The defaults are shrunk to fit about
-ten minutes on 2 CPU cores; ``--full`` uses the paper's 512x2048-shaped geometry (for a GPU).
+Everything runs on the SD-2-shaped random-weight model of ``benchmarks.model``. The CPU defaults are shrunk (256 px
+windows, 10 steps; each section a few minutes on 2 cores, the whole run about 20 minutes on a busy machine);
+``--full`` uses the paper's 512x2048-shaped geometry (for a GPU). Timed rows run round-robin and report the fastest
+panorama; docs/performance.md explains the numbers.
 """
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ def fast_sections(model_steps: int, taesd: str | None = None, window: int = 512)
 
 
 def parse_variant(text: str) -> tuple[str, dict, dict]:
-    """``NAME:sync.until=10,denoiser.sync_decode_scale=1`` -> a fast-preset variant (extra speed/coherence rows)."""
+    """``NAME:sync.until=10,denoiser.sync_decode_scale=1`` -> a fast-preset variant (an extra coherence row)."""
     import yaml
 
     name, _, body = text.partition(":")
@@ -120,8 +124,7 @@ def run_interleaved(jobs: list[dict], save) -> list[dict]:
                 for key in ("peak_rss_mib", "peak_over_start_mib", "peak_cuda_mib"):
                     if key in one:
                         m[key] = max(m[key], one[key])
-            save_list = [merged[j["name"]] for j in jobs if j["name"] in merged]
-            save(save_list)
+            save([merged[j["name"]] for j in jobs if j["name"] in merged])
     return [merged[j["name"]] for j in jobs]
 
 
