@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 
@@ -54,15 +54,30 @@ class Merger(Plugin):
 
 
 class MergeBuffer:
-    """Canvas-sized weighted sum and weight sum for one merged quantity."""
+    """Canvas-sized weighted sum and weight sum for one merged quantity.
 
-    def __init__(self, shape: tuple[int, ...], device=None, dtype=torch.float32):
+    ``weight``: a weight canvas computed once (:meth:`weights_of`). The weights of a request never change from step
+    to step, so the sampler sums them (and all-reduces them, when sharded) once and shares them between buffers;
+    each step then only accumulates (and communicates) the weighted sums."""
+
+    def __init__(self, shape: tuple[int, ...], device=None, dtype=torch.float32, weight: torch.Tensor | None = None):
         self.sum = torch.zeros(shape, device=device, dtype=dtype)
-        self.weight = torch.zeros((shape[0], 1, *shape[2:]), device=device, dtype=dtype)
+        self.shared_weight = weight is not None
+        self.weight = weight if weight is not None else torch.zeros((shape[0], 1, *shape[2:]), device=device, dtype=dtype)
+
+    @staticmethod
+    def weights_of(views: Sequence[View], merger: "Merger", shape: tuple[int, ...], device=None) -> torch.Tensor:
+        """The summed weights of ``views`` on a canvas of ``shape``: ``[B, 1, H, W]``."""
+        out = torch.zeros((shape[0], 1, *shape[2:]), device=device, dtype=torch.float32)
+        for view in views:
+            w = merger.weight(view, device=device)
+            view.scatter_add(w.expand(shape[0], 1, *w.shape[-2:]).to(out.dtype), out)
+        return out
 
     def add(self, view: View, window: torch.Tensor, weight: torch.Tensor) -> None:
         view.scatter_add(window.to(self.sum.dtype) * weight, self.sum)
-        view.scatter_add(weight.expand(window.shape[0], 1, *weight.shape[-2:]), self.weight)
+        if not self.shared_weight:
+            view.scatter_add(weight.expand(window.shape[0], 1, *weight.shape[-2:]), self.weight)
 
     def result(self, fallback: torch.Tensor) -> torch.Tensor:
         """The weighted average; positions no view covered keep ``fallback``."""

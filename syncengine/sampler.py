@@ -174,8 +174,11 @@ class JointSampler:
             noise = self.initial_noise(canvas, request.seed)
         stats = {"unet_views": 0, "sync_views": 0, "decodes": 0, "sync_steps": 0, "views": len(self.views),
                  "owned_views": len(owned), "seconds_sync": 0.0, "seconds_denoise": 0.0}
+        # The merge weights never change within a request: summed (and all-reduced) once, shared by every step.
+        weights = MergeBuffer.weights_of(owned, self.merger, tuple(noise.shape), device)
+        self.collective.all_reduce_([weights])
         if self.merger.target == "x0":
-            latents = self._sample_x0(request, scheduler, conds, owned, noise.float(), stats, progress)
+            latents = self._sample_x0(request, scheduler, conds, owned, noise.float(), weights, stats, progress)
             stats.update(self.collective.stats)
             return SampleResult(latents, stats)
         latents = (noise.float() * scheduler.init_noise_sigma).to(device)
@@ -191,8 +194,8 @@ class JointSampler:
             read = lambda view: view.extract(model_canvas)  # noqa: E731
             targets = self._anchor_targets(read, step, conds, a, inputs, stats) if weight > 0 else {}
 
-            eps_buf = MergeBuffer(latents.shape, device=device)
-            x_buf = MergeBuffer(latents.shape, device=device) if weight > 0 else None
+            eps_buf = MergeBuffer(latents.shape, device=device, weight=weights)
+            x_buf = MergeBuffer(latents.shape, device=device, weight=weights) if weight > 0 else None
             t0 = time.perf_counter()
             for batch in _batches(owned, opts.view_batch_size):
                 read_x = [v.extract(model_canvas) for v in batch]
@@ -212,7 +215,7 @@ class JointSampler:
                         moved = x[k : k + 1] if prepared[k] is read_x[k] else read_x[k] + (x[k : k + 1] - prepared[k])
                         x_buf.add(view, moved / scale, w)
             stats["seconds_denoise"] += time.perf_counter() - t0
-            buffers = [eps_buf.sum, eps_buf.weight] + ([x_buf.sum, x_buf.weight] if x_buf is not None else [])
+            buffers = [eps_buf.sum] + ([x_buf.sum] if x_buf is not None else [])
             self.collective.all_reduce_(buffers)
             model_out = eps_buf.result(torch.zeros_like(latents))
             current = x_buf.result(latents) if x_buf is not None else latents
@@ -224,7 +227,7 @@ class JointSampler:
         stats.update(self.collective.stats)
         return SampleResult(latents, stats)
 
-    def _sample_x0(self, request, scheduler, conds, owned, noise, stats, progress) -> torch.Tensor:
+    def _sample_x0(self, request, scheduler, conds, owned, noise, weights, stats, progress) -> torch.Tensor:
         """SyncTweedies' x0 merging; returns the final canvas. Per step, for each owned view i with its own x_t^i:
         prepare its input and sync-update it (as the x_t path does), predict eps^i, form Tweedie x0^i, and merge the
         x0^i on the canvas (one all-reduced buffer). Each view then takes its own DDIM step from x_t^i towards the
@@ -250,8 +253,8 @@ class JointSampler:
             read = lambda view: states[view.index]  # noqa: E731
             targets = self._anchor_targets(read, step, conds, a, inputs, stats) if weight > 0 else {}
             last = i == len(timesteps) - 1
-            x0_buf = MergeBuffer(zeros.shape, device=device)
-            xt_buf = MergeBuffer(zeros.shape, device=device) if last else None
+            x0_buf = MergeBuffer(zeros.shape, device=device, weight=weights)
+            xt_buf = MergeBuffer(zeros.shape, device=device, weight=weights) if last else None
             current: dict[int, torch.Tensor] = {}
             t0 = time.perf_counter()
             for batch in _batches(owned, opts.view_batch_size):
@@ -271,7 +274,7 @@ class JointSampler:
                     if xt_buf is not None:
                         xt_buf.add(view, current[view.index], w)
             stats["seconds_denoise"] += time.perf_counter() - t0
-            buffers = [x0_buf.sum, x0_buf.weight] + ([xt_buf.sum, xt_buf.weight] if xt_buf is not None else [])
+            buffers = [x0_buf.sum] + ([xt_buf.sum] if xt_buf is not None else [])
             self.collective.all_reduce_(buffers)
             if weight > 0:
                 stats["sync_steps"] += 1

@@ -137,10 +137,10 @@ def assert_same_output(one: Path, two: Path, name: str) -> dict:
 
 
 def expected_collectives(meta: dict, channels: int = 4) -> dict:
-    """docs/sharding.md, "Communication per step": one all-reduce per step of (C+1)*H*W fp32 values (noise sum +
-    weight; x0 sum + weight when merging x0), twice that on sync steps (merging x_t: the window sum + weight too) or on
-    the last step (merging x0: the x_t sum + weight); one broadcast of the anchor's decoded image (3*h*w fp32) per sync
-    step and sync group."""
+    """docs/sharding.md, "Communication per step": one all-reduce of the merge weights (H*W fp32) per request; one
+    all-reduce per step of C*H*W fp32 values (noise sum; x0 sum when merging x0), twice that on sync steps (merging
+    x_t: the window sum too) or on the last step (merging x0: the x_t sum); one broadcast of the anchor's decoded
+    image (3*h*w fp32) per sync step and sync group."""
     spec = meta["spec"]
     f = 8
     h, w = spec["canvas"]["height"] // f, spec["canvas"]["width"] // f
@@ -150,8 +150,8 @@ def expected_collectives(meta: dict, channels: int = 4) -> dict:
     window = spec["tiler"]["window"]
     doubled = 1 if spec["merger"]["target"] == "x0" else sync_steps  # x0: the last step also merges x_t
     return {
-        "all_reduce_calls": steps,
-        "all_reduce_bytes": (channels + 1) * h * w * 4 * (steps + doubled),
+        "all_reduce_calls": steps + 1,
+        "all_reduce_bytes": h * w * 4 + channels * h * w * 4 * (steps + doubled),
         "broadcast_calls": sync_steps,
         "broadcast_bytes": sync_steps * 3 * window * window * 4,
     }
