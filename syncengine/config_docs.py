@@ -123,7 +123,27 @@ def field_rows(cls: type, prefix: str) -> list[tuple[str, str, str, str]]:
         inherited = (CORE_MEANINGS.get(f"{k.__name__}.{f.name}") for k in cls.__mro__)  # a subclass's inherited fields
         meaning = f.metadata.get("doc") or comments.get(f.name) or next((m for m in inherited if m), "")
         rows.append((f"{prefix}{f.name}", _type(f), _default(f), meaning))
+        nested = _nested_dataclass(cls, f)
+        if nested is not None:  # options that are themselves structured (a region, its mask): their keys too
+            kind, sub = nested
+            rows += field_rows(sub, f"{prefix}{f.name}{'[].' if kind == 'list' else '.'}")
     return rows
+
+
+def _nested_dataclass(cls: type, f: dataclasses.Field) -> tuple[str, type] | None:
+    """``("list", D)`` for a ``List[D]`` field, ``("one", D)`` for a ``D`` field, D a dataclass; else None."""
+    import typing
+
+    try:
+        hint = typing.get_type_hints(cls).get(f.name)
+    except Exception:  # unresolvable annotations: document the field itself only
+        return None
+    if dataclasses.is_dataclass(hint):
+        return "one", hint
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (list, typing.List) and args and dataclasses.is_dataclass(args[0]):
+        return "list", args[0]
+    return None
 
 
 def _table(rows: list[tuple[str, str, str, str]]) -> list[str]:

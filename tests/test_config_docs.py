@@ -59,3 +59,14 @@ def test_check_mode(tmp_path, capsys):
     assert "python -m syncengine.config_docs" in capsys.readouterr().err
     assert config_docs.main(["-o", str(out)]) == 0
     assert config_docs.main(["--check", "-o", str(out)]) == 0
+
+
+def test_structured_options_document_their_own_keys():
+    """Lists of option dataclasses (regions, ControlNets) list their items' keys, with meanings."""
+    from syncengine.config_docs import generate
+
+    doc = generate()
+    for key in ("tiler.regions[].mask.png", "tiler.regions[].seed", "denoiser.controlnets[].scale"):
+        row = next((line for line in doc.splitlines() if line.startswith(f"| `{key}` |")), None)
+        assert row is not None, key
+        assert not row.rstrip().endswith("|  |"), f"{key} has no meaning"
