@@ -87,6 +87,11 @@ class Denoiser(Plugin):
         """The decoder the sync loss differentiates through; a model may offer a cheaper one (TAESD)."""
         return self.decode(latents)
 
+    def sync_image_size(self, latent_size: tuple[int, int]) -> tuple[int, int]:
+        """Pixel size of :meth:`decode_for_sync`'s image for a window of ``latent_size``, known without decoding: a
+        sharded run allocates the anchor's image on every rank before its owner broadcasts it."""
+        return (latent_size[0] * self.latent_factor, latent_size[1] * self.latent_factor)
+
     def decode_final(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
         """Decode the finished canvas (no gradient); ``tiled`` bounds memory for very wide canvases."""
         with torch.no_grad():

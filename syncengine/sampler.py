@@ -315,8 +315,7 @@ class JointSampler:
         return targets
 
     def _anchor_image_shape(self, anchor: View) -> tuple[int, int, int, int]:
-        f = self.denoiser.latent_factor
-        h, w = (s * f for s in anchor.latent_size)
+        h, w = self.denoiser.sync_image_size(tuple(anchor.latent_size))
         r = self.options.sync_resolution
         if r is not None and min(h, w) != r:
             h, w = round(h * r / min(h, w)), round(w * r / min(h, w))

@@ -197,3 +197,21 @@ def test_what_prepare_input_composes_is_not_merged_on_sync_steps(tiny_spec):
         return sampler.sample(Request("a photo of a mountain", seed=0), canvas).latents
 
     torch.testing.assert_close(run(1e-6), run(0.0), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("scale, resolution", [(1.0, None), (0.5, None), (0.5, 24), (1.0, 16)])
+def test_anchor_image_shape_is_known_before_decoding(tiny_spec, scale, resolution):
+    """Sharded runs allocate the anchor's image on every rank from this shape before its owner broadcasts it."""
+    resolved, den, loss, views = _parts(tiny_spec, denoiser={"sync_decode_scale": scale},
+                                        sync={"resolution": resolution})
+    sampler = JointSampler(den, views, resolved.build("merger"), loss, SyncSchedule(1.0),
+                           SamplerOptions(sync_resolution=resolution))
+    sched = den.make_scheduler("ddim")
+    sched.set_timesteps(4)
+    t = sched.timesteps[0]
+    anchor = views[0]
+    cond = Conditioning(den.encode_prompt("a"), 1.0)
+    with torch.no_grad():
+        image = decoded_x0(den, anchor.extract(torch.randn(resolved.canvas.latent_shape())), Step(0, 4, t), [cond],
+                           [anchor], alpha_bar(sched.alphas_cumprod, t), resolution)
+    assert sampler._anchor_image_shape(anchor) == tuple(image.shape)

@@ -153,6 +153,10 @@ class StableDiffusionDenoiser(Denoiser):
         posterior = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
         return (posterior.mean * self.vae.config.scaling_factor).float()
 
+    def sync_image_size(self, latent_size: tuple[int, int]) -> tuple[int, int]:
+        scale = self.config.sync_decode_scale
+        return tuple(max(1, round(s * scale)) * self.latent_factor for s in latent_size)  # type: ignore[return-value]
+
     def decode_for_sync(self, latents: torch.Tensor) -> torch.Tensor:
         """The sync loss's image: the decoder's cost grows with pixels, so ``sync_decode_scale`` shrinks the latents
         first (anchor and views alike; the loss then compares coarser images), and ``sync_vae`` swaps the decoder."""
