@@ -50,10 +50,9 @@ def _atomic_save(model, path: Path) -> None:
 
 
 def build_pipeline(seed: int = 0):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
-    from syncengine_sd.tiny import tiny_tokenizer
+    from syncengine_sd.tiny import clip_text_encoder, sd_ddim_scheduler, tiny_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -85,27 +84,8 @@ def build_pipeline(seed: int = 0):
 
     with tempfile.TemporaryDirectory() as src:
         tokenizer = tiny_tokenizer(Path(src))
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=64, intermediate_size=128)
+    scheduler = sd_ddim_scheduler()
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

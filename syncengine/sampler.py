@@ -200,14 +200,7 @@ class JointSampler:
             for batch in _batches(owned, opts.view_batch_size):
                 read_x = [v.extract(model_canvas) for v in batch]
                 prepared = [v.prepare_input(r, inputs) for v, r in zip(batch, read_x)]
-                x = torch.cat(prepared)
-                if weight > 0:
-                    ts = time.perf_counter()
-                    x = self._sync_update(x, batch, step, conds, targets, weight, a, stats)
-                    stats["seconds_sync"] += time.perf_counter() - ts
-                with torch.no_grad():
-                    out = den.predict(x, step, [conds[v.index] for v in batch], batch).float()
-                stats["unet_views"] += len(batch)
+                x, out = self._update_and_predict(torch.cat(prepared), batch, step, conds, targets, weight, a, stats)
                 for k, view in enumerate(batch):
                     w = self.merger.weight(view, device=device)
                     eps_buf.add(view, out[k : k + 1], w)
@@ -259,14 +252,9 @@ class JointSampler:
             t0 = time.perf_counter()
             for batch in _batches(owned, opts.view_batch_size):
                 x = torch.cat([v.prepare_input(states[v.index], inputs) for v in batch])
-                if weight > 0:
-                    ts = time.perf_counter()
-                    x = self._sync_update(x, batch, step, conds, targets, weight, a, stats)
-                    stats["seconds_sync"] += time.perf_counter() - ts
+                x, out = self._update_and_predict(x, batch, step, conds, targets, weight, a, stats)
                 with torch.no_grad():
-                    out = den.predict(x, step, [conds[v.index] for v in batch], batch).float()
                     x0 = predicted_x0(out, x, a.to(device), den.prediction_type)
-                stats["unet_views"] += len(batch)
                 for k, view in enumerate(batch):
                     w = self.merger.weight(view, device=device)
                     x0_buf.add(view, x0[k : k + 1], w)
@@ -291,6 +279,17 @@ class JointSampler:
             if progress is not None:
                 progress(i + 1, len(timesteps))
         return latents
+
+    def _update_and_predict(self, x, batch, step, conds, targets, weight, a, stats):
+        """One view batch: the sync update on sync steps, then the model output at the updated latents."""
+        if weight > 0:
+            ts = time.perf_counter()
+            x = self._sync_update(x, batch, step, conds, targets, weight, a, stats)
+            stats["seconds_sync"] += time.perf_counter() - ts
+        with torch.no_grad():
+            out = self.denoiser.predict(x, step, [conds[v.index] for v in batch], batch).float()
+        stats["unet_views"] += len(batch)
+        return x, out
 
     # -------------------------------------------------------------------------------------------------------- sync
 

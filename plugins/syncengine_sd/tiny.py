@@ -45,10 +45,28 @@ def tiny_tokenizer(folder: Path):
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
 
+def clip_text_encoder(tokenizer, hidden_size: int, intermediate_size: int, layers: int = 2, heads: int = 4):
+    """A random-weight CLIP text encoder sized for ``tokenizer`` (SD's text tower, shrunk)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
+def sd_ddim_scheduler(prediction_type: str = "epsilon"):
+    """The DDIM configuration Stable Diffusion ships with."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+
+
 def build_tiny_pipeline(path: str | Path, seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 64):
     """Build and ``save_pretrained`` a tiny random SD pipeline into ``path``; returns the path."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
     path = Path(path)
     torch.manual_seed(seed)
@@ -80,28 +98,8 @@ def build_tiny_pipeline(path: str | Path, seed: int = 0, prediction_type: str = 
 
     with tempfile.TemporaryDirectory() as src:
         tokenizer = tiny_tokenizer(Path(src))
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=32, intermediate_size=37)
+    scheduler = sd_ddim_scheduler(prediction_type)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
