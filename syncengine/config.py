@@ -212,8 +212,8 @@ def apply_overrides(cfg: DictConfig, overrides: list[tuple[str, Any]] | dict[str
                 nxt = parts[depth + 1]
                 if not nxt.isdigit() or int(nxt) >= len(node):
                     where = ".".join(parts[: depth + 1])
-                    raise ConfigError(key, f"{where} has {len(node)} entries (0..{len(node) - 1}); "
-                                           f"{nxt!r} is not one of them")
+                    valid = f"indices 0..{len(node) - 1}" if len(node) else "it is empty"
+                    raise ConfigError(key, f"{where} has no item {nxt!r} ({valid}); add it in the spec first")
         try:
             OmegaConf.update(cfg, key, value, merge=True)
         except (OmegaConfBaseException, TypeError, ValueError, IndexError) as exc:

@@ -133,7 +133,7 @@ def test_list_items_can_be_overridden_by_index():
     c = resolve(spec, ["requests.1.seed=7", "requests.0.inputs.control=x.png"]).config
     assert c.requests[1].seed == 7 and c.requests[0].inputs.control == "x.png"
     err = _err(spec, ["requests.2.seed=1"])
-    assert err.key == "requests.2.seed" and "2 entries" in str(err)
+    assert err.key == "requests.2.seed" and "no item '2' (indices 0..1)" in str(err)
 
 
 def test_per_request_override_can_switch_plugin():
