@@ -79,8 +79,13 @@ def _load_pipeline(pipeline_cls, ref: str, dtype: torch.dtype, **kwargs: Any):
             try:
                 return pipeline_cls.from_single_file(str(path), config=config, **common, **kwargs)
             except (OSError, ValueError) as exc:
-                raise _not_found(ref, "single-file checkpoint (and its config; set denoiser.single_file_config to a "
-                                 "local diffusers folder of the same architecture)", exc) from exc
+                # not _not_found: its `huggingface-cli download <ref>` hint makes no sense for a local file
+                reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                raise ModelNotFoundError(
+                    f"single-file checkpoint {ref!r} could not be loaded ({reason}); it needs its pipeline's configs: "
+                    f"set denoiser.single_file_config to a local diffusers folder of the same architecture (or a "
+                    f"cached hub id)"
+                ) from exc
         if not (path / "model_index.json").is_file():
             raise ModelNotFoundError(
                 f"{ref!r} is not a diffusers pipeline folder (no model_index.json); save one with "
