@@ -50,9 +50,9 @@ def _atomic_save(model, path: Path) -> None:
 
 
 def build_pipeline(seed: int = 0):
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from syncengine_sd.tiny import clip_text_encoder, sd_ddim_scheduler, tiny_tokenizer
+    from syncengine_sd.tiny import clip_text_encoder, sd_ddim_scheduler, sd_vae, tiny_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -68,18 +68,7 @@ def build_pipeline(seed: int = 0):
         use_linear_projection=True,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=VAE_CHANNELS,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=512,
-        scaling_factor=0.18215,
-    )
+    vae = sd_vae(VAE_CHANNELS, 512, scaling_factor=0.18215)
     import tempfile
 
     with tempfile.TemporaryDirectory() as src:

@@ -17,7 +17,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import registry
-from .errors import ConfigError, SyncEngineError
+from .errors import ConfigError, SyncEngineError, one_line
 from .denoiser import Denoiser
 from .views import CanvasSpec
 
@@ -140,7 +140,7 @@ def load_file(path: Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
     except Exception as exc:  # yaml errors come in many types
-        raise SyncEngineError(f"cannot parse spec {path}: {str(exc).splitlines()[0]}") from exc
+        raise SyncEngineError(f"cannot parse spec {path}: {one_line(exc)}") from exc
     if not isinstance(cfg, DictConfig):
         raise SyncEngineError(f"spec {path} must be a mapping of sections, got a {type(cfg).__name__}")
     parents = cfg.pop("extends", None)
@@ -159,7 +159,7 @@ def _parse_value(key: str, text: str) -> Any:
     try:
         node = OmegaConf.from_dotlist([f"value={text}"])
     except OmegaConfBaseException as exc:
-        raise SyncEngineError(f"bad override {key}={text}: {str(exc).splitlines()[0]}") from exc
+        raise SyncEngineError(f"bad override {key}={text}: {one_line(exc)}") from exc
     value = node._get_node("value")
     return OmegaConf.to_container(node)["value"] if isinstance(value, (DictConfig, ListConfig)) else node.value
 
@@ -217,7 +217,7 @@ def apply_overrides(cfg: DictConfig, overrides: list[tuple[str, Any]] | dict[str
         try:
             OmegaConf.update(cfg, key, value, merge=True)
         except (OmegaConfBaseException, TypeError, ValueError, IndexError) as exc:
-            raise ConfigError(key, f"cannot set this key: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(key, f"cannot set this key: {one_line(exc)}") from None
     return cfg
 
 
@@ -243,7 +243,7 @@ def compose(spec: str | Path | dict | DictConfig | None = None, overrides: list[
 
 def _omegaconf_error(prefix: str, exc: OmegaConfBaseException) -> ConfigError:
     key = getattr(exc, "full_key", None) or ""
-    msg = str(exc).splitlines()[0]
+    msg = one_line(exc, 10_000)
     return ConfigError(f"{prefix}.{key}".strip(".") if key else prefix, msg)
 
 
@@ -278,7 +278,7 @@ def typed_config(schema: type, values: Any, where: str) -> DictConfig:
         key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
         if key:
             key = _full_path(values, str(key))
-        msg = str(exc).splitlines()[0]
+        msg = one_line(exc, 10_000)
         if "not in" in msg and key is not None:
             owner = getattr(exc, "object_type", None)
             owner = owner if dataclasses.is_dataclass(owner) else schema

@@ -24,3 +24,10 @@ class PluginNotFoundError(SyncEngineError, LookupError):
 
 class ModelNotFoundError(SyncEngineError, FileNotFoundError):
     """A model (weights, tokenizer, backbone) that is not available locally and cannot be fetched."""
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, shortened, for a one-line error that names its cause; the
+    exception's type when it has no message (``str(exc)`` may be empty: never index its lines blindly)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__

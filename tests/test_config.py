@@ -169,3 +169,12 @@ def test_x0_merging_needs_ddim_before_any_model_loads():
     err = _err({**BASE, "merger": {"name": "average", "target": "x0"}}, ["sampler.scheduler=euler"])
     assert err.key == "sampler.scheduler" and "ddim" in str(err)
     assert resolve({**BASE, "merger": {"name": "average", "target": "x0"}}).config.merger.target == "x0"
+
+
+def test_one_line_reasons_never_fail_on_empty_messages():
+    from syncengine.errors import one_line
+
+    assert one_line(OSError("first\nsecond")) == "first"
+    assert one_line(ValueError("x" * 500), 10) == "x" * 10
+    assert one_line(OSError()) == "OSError"  # str(exc) == "": no IndexError while reporting an error
+    assert one_line(ValueError("  \n  ")) == "ValueError"

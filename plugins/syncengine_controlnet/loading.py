@@ -8,15 +8,14 @@ from typing import Any
 
 import torch
 
-from syncengine.errors import ConfigError, ModelNotFoundError
+from syncengine.errors import ConfigError, ModelNotFoundError, one_line
 from syncengine_sd.loading import looks_like_path
 
 EXAMPLE = "lllyasviel/sd-controlnet-canny"
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-    return f" ({text})"
+    return f" ({one_line(exc)})"
 
 
 def load_controlnet(ref: str, key: str, dtype: torch.dtype, revision: str | None = None, variant: str | None = None,

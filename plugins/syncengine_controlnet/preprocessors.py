@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict
 
 from syncengine import registry
-from syncengine.errors import ConfigError, ModelNotFoundError, SyncEngineError
+from syncengine.errors import ConfigError, ModelNotFoundError, SyncEngineError, one_line
 from syncengine.plugin import Plugin
 
 ANNOTATORS = "lllyasviel/Annotators"
@@ -103,7 +103,7 @@ class AuxPreprocessor(Preprocessor):
                 f"the weights in place first (`huggingface-cli download {ANNOTATORS}` where the hub is reachable)"
             ) from exc
         except (OSError, ValueError) as exc:
-            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            reason = one_line(exc)
             raise ModelNotFoundError(
                 f"weights of the {self.detector} preprocessor could not be loaded from {ref!r} ({reason}). Download "
                 f"them where the Hugging Face hub is reachable (`huggingface-cli download {ANNOTATORS}`) and copy the "

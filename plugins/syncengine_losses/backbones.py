@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from syncengine.errors import ModelNotFoundError
+from syncengine.errors import ModelNotFoundError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def backbone_errors(net: str):
         path = checkpoint_path(net)
         raise ModelNotFoundError(
             f"ImageNet weights for the {net} backbone are not at {path} and could not be downloaded "
-            f"({str(exc).splitlines()[0][:120]}); fetch {_weights_enum(net).url} into that folder (or set TORCH_HOME), "
+            f"({one_line(exc, 120)}); fetch {_weights_enum(net).url} into that folder (or set TORCH_HOME), "
             f"or use backbone: random for a smoke run"
         ) from exc
 

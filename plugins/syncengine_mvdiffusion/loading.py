@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from syncengine.errors import ConfigError, ModelNotFoundError, SyncEngineError
+from syncengine.errors import ConfigError, ModelNotFoundError, SyncEngineError, one_line
 
 OFFICIAL_URL = "https://www.dropbox.com/scl/fi/yx9e0lj4fwtm9xh2wlhhg/pano.ckpt?rlkey=kowqygw7vt64r3maijk8klfl0&dl=0"
 BLOCKS_FOLDER = "correspondence_attention"  # inside a pipeline folder saved by save_pretrained
@@ -77,7 +77,7 @@ def read_state_dict(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
             obj = torch.load(str(path), map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
         raise SyncEngineError(
-            f"checkpoint {str(path)!r} holds Python objects beyond tensors ({str(exc).splitlines()[0][:120]}); if "
+            f"checkpoint {str(path)!r} holds Python objects beyond tensors ({one_line(exc, 120)}); if "
             f"you trust the file, set denoiser.trust_checkpoint: true") from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

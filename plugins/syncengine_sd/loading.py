@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from syncengine.errors import ModelNotFoundError
+from syncengine.errors import ModelNotFoundError, one_line
 
 TINY_MODEL = "syncengine:tiny-random"  # the offline demo model: random weights, for smoke runs only
 
@@ -43,7 +43,7 @@ def looks_like_path(ref: str) -> bool:
 
 
 def _not_found(ref: str, what: str, cause: BaseException | None = None) -> ModelNotFoundError:
-    reason = f" ({str(cause).splitlines()[0][:200]})" if cause else ""
+    reason = f" ({one_line(cause)})" if cause else ""
     return ModelNotFoundError(
         f"{what} {ref!r} could not be loaded{reason}. Download it where the Hugging Face hub is reachable "
         f"(`huggingface-cli download {ref}`) and copy the cache (HF_HOME), or set denoiser.pretrained to a local "
@@ -80,7 +80,7 @@ def _load_pipeline(pipeline_cls, ref: str, dtype: torch.dtype, **kwargs: Any):
                 return pipeline_cls.from_single_file(str(path), config=config, **common, **kwargs)
             except (OSError, ValueError) as exc:
                 # not _not_found: its `huggingface-cli download <ref>` hint makes no sense for a local file
-                reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                reason = one_line(exc)
                 raise ModelNotFoundError(
                     f"single-file checkpoint {ref!r} could not be loaded ({reason}); it needs its pipeline's configs: "
                     f"set denoiser.single_file_config to a local diffusers folder of the same architecture (or a "

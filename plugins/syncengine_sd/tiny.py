@@ -56,6 +56,15 @@ def clip_text_encoder(tokenizer, hidden_size: int, intermediate_size: int, layer
     ))
 
 
+def sd_vae(block_out_channels: tuple[int, ...], sample_size: int, **options):
+    """A random-weight SD-shaped VAE: four levels (8x latent factor), 4 latent channels, one layer per block."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=block_out_channels,
+                         layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=sample_size, **options)
+
+
 def sd_ddim_scheduler(prediction_type: str = "epsilon"):
     """The DDIM configuration Stable Diffusion ships with."""
     from diffusers import DDIMScheduler
@@ -66,7 +75,7 @@ def sd_ddim_scheduler(prediction_type: str = "epsilon"):
 
 def build_tiny_pipeline(path: str | Path, seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 64):
     """Build and ``save_pretrained`` a tiny random SD pipeline into ``path``; returns the path."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     path = Path(path)
     torch.manual_seed(seed)
@@ -82,17 +91,7 @@ def build_tiny_pipeline(path: str | Path, seed: int = 0, prediction_type: str = 
         attention_head_dim=4,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=sample_size * 8,
-    )
+    vae = sd_vae((16, 16, 16, 16), sample_size * 8)
     import shutil
     import tempfile
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import ModelNotFoundError
+from ..errors import ModelNotFoundError, one_line
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -16,7 +16,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _not_found(ref: str, cause: BaseException | None = None) -> ModelNotFoundError:
-    reason = f" ({str(cause).splitlines()[0][:160]})" if cause else ""
+    reason = f" ({one_line(cause, 160)})" if cause else ""
     return ModelNotFoundError(
         f"CLIP model {ref!r} could not be loaded{reason}. Download it where the Hugging Face hub is reachable "
         f"(`huggingface-cli download {ref}`) and copy the cache (HF_HOME), or pass --clip-model a local folder "

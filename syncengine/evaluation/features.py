@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelNotFoundError, SyncEngineError
+from ..errors import ModelNotFoundError, SyncEngineError, one_line
 
 FID_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + FID_WEIGHTS_FILE
@@ -81,7 +81,7 @@ class TorchvisionInception(nn.Module):
         except (OSError, RuntimeError) as exc:  # URLError is an OSError
             raise ModelNotFoundError(
                 f"torchvision Inception-v3 weights are not at {path} and could not be downloaded "
-                f"({str(exc).splitlines()[0][:120]}); fetch {weights.url} into that folder (or set TORCH_HOME)"
+                f"({one_line(exc, 120)}); fetch {weights.url} into that folder (or set TORCH_HOME)"
             ) from exc
         model.fc = nn.Identity()
         self.net = model.eval().requires_grad_(False)
