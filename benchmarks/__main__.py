@@ -2,7 +2,8 @@
 
 Sections (each measurement in a fresh process, see ``worker``):
 - speed: (a) diffusers ``StableDiffusionPanoramaPipeline``, (b) syncengine weight 0, (c) the paper's sync settings
-  one window at a time (``sync.batch_size: 1``) and batched, (d) the ``fast`` preset. Seconds per panorama, ratio to
+  in the reference implementation's structure (``benchmarks.reference``: one window at a time, the anchor's gradient
+  included), then in syncengine one window at a time (``sync.batch_size: 1``) and batched, (d) the ``fast`` preset. Seconds per panorama, ratio to
   (a), UNet rows, VAE decodes, backward passes, peak memory.
 - shape: weight 0 and the fast preset on the 512x2048 geometry (13 windows) scaled to ``--window`` (CPU default).
 - memory: peak memory for 4, 8 and 16 windows at a fixed view batch size, and with every window in one batch
@@ -143,8 +144,9 @@ def speed_jobs(args, model: str, taesd: str) -> list[dict]:
     return [
         base_job(args, model, kind="diffusers", name="diffusers", **cheap),
         base_job(args, model, name="weight0", sync={"weight": 0.0}, **cheap),
+        base_job(args, model, kind="reference", name="reference", sync=dict(PAPER_SYNC)),
         base_job(args, model, name="paper-bs1", sync={**PAPER_SYNC, "batch_size": 1}),
-        base_job(args, model, name="paper-batched", sync=dict(PAPER_SYNC)),
+        base_job(args, model, name="paper-batched", sync={**PAPER_SYNC, "batch_size": args.view_batch_size}),
         base_job(args, model, name="fast", sync={**PAPER_SYNC, **fast_sync}, denoiser=fast_den, **cheap),
         base_job(args, model, name="fast+taesd", sync={**PAPER_SYNC, **tae_sync}, denoiser=tae_den, **cheap),
     ]
@@ -174,7 +176,7 @@ def memory_jobs(args, model: str) -> list[dict]:
                 continue  # the same run as the fixed one
             jobs.append(base_job(args, model, name=f"memory-{n}-{batch}", height=args.memory_window, width=width,
                                  window=args.memory_window, stride=args.memory_stride, steps=1, seeds=[0],
-                                 view_batch_size=vbs, sync=dict(PAPER_SYNC), windows=n))
+                                 view_batch_size=vbs, sync={**PAPER_SYNC, "batch_size": vbs}, windows=n))
     return jobs
 
 
@@ -262,10 +264,10 @@ def coherence_table(results: list[dict], summary: dict) -> str:
     m = summary["intra_lpips_mean"]
     for r in results:
         name = r["name"].removeprefix("coherence-")
-        seeds = ", ".join(f"{v:.4f}" for v in r["intra_lpips"])
+        seeds = ", ".join(f"{v:.5f}" for v in r["intra_lpips"])
         gain = m.get("weight0", m[name]) - m[name]
         share = summary.get(f"{name}_share_of_paper_improvement", 1.0 if name == "paper" else None)
-        rows.append(f"| {name} | {seeds} | {m[name]:.4f} | {gain:.4f} | {'-' if share is None else f'{share:.0%}'} |")
+        rows.append(f"| {name} | {seeds} | {m[name]:.5f} | {gain:.5f} | {'-' if share is None else f'{share:.0%}'} |")
     return "\n".join(rows)
 
 
@@ -274,6 +276,9 @@ def targets(speed: list[dict]) -> dict[str, float]:
     out = {}
     if {"weight0", "diffusers"} <= s.keys():
         out["weight0_over_diffusers"] = s["weight0"] / s["diffusers"]
+    for name in ("paper-batched", "paper-bs1"):
+        if {name, "reference"} <= s.keys():
+            out[f"{name.replace('-', '_')}_over_reference"] = s[name] / s["reference"]
     if {"paper-batched", "paper-bs1"} <= s.keys():
         out["paper_batched_over_bs1"] = s["paper-batched"] / s["paper-bs1"]
     if {"fast", "weight0"} <= s.keys():
@@ -326,10 +331,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory-window", type=int, default=None, help="window px of the memory runs (default 128; --full 512)")
     p.add_argument("--memory-stride", type=int, default=None, help="default: half the memory window")
     p.add_argument("--decode-widths", type=int, nargs="+", default=[2048, 8192])
-    p.add_argument("--coherence-window", type=int, default=None, help="default 64; --full 512")
+    p.add_argument("--coherence-window", type=int, default=None, help="default 128; --full 512")
     p.add_argument("--coherence-crops", type=int, default=4, help="canvas width in windows")
     p.add_argument("--coherence-stride", type=int, default=None, help="default: half the window; --full a quarter")
-    p.add_argument("--coherence-steps", type=int, default=None, help="default 20; --full 50")
+    p.add_argument("--coherence-steps", type=int, default=50, help="DDIM steps (the presets' 50)")
     p.add_argument("--coherence-seeds", type=int, default=4)
     p.add_argument("--variant", action="append", default=[],
                    help="extra fast-preset variant rows in the coherence section, "
@@ -346,9 +351,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.steps = a.steps or (50 if full else 10)
     a.memory_window = a.memory_window or (512 if full else 128)
     a.memory_stride = a.memory_stride or a.memory_window // 2
-    a.coherence_window = a.coherence_window or (512 if full else 64)
+    a.coherence_window = a.coherence_window or (512 if full else 128)
     a.coherence_stride = a.coherence_stride or a.coherence_window // (4 if full else 2)
-    a.coherence_steps = a.coherence_steps or (50 if full else 20)
     a.name = a.name or (a.device.split(":")[0] + ("-full" if full else ""))
     return a
 

@@ -180,6 +180,38 @@ def run_syncengine(job: dict[str, Any]) -> dict[str, Any]:
     return _result(job, seconds, counters, start_rss, extra)
 
 
+def run_reference(job: dict[str, Any]) -> dict[str, Any]:
+    """The reference implementation's structure (``benchmarks.reference``) on the same model, loss and windows."""
+    from syncengine.config import resolve
+    from syncengine.pipeline import Pipeline, decode_canvas
+
+    from .reference import reference_syncdiffusion
+
+    tmp = tempfile.mkdtemp(prefix="bench-")
+    resolved = resolve(syncengine_spec(job, job["seeds"][0], tmp))
+    pipe = Pipeline(resolved)
+    den = pipe.denoiser_for(resolved)
+    loss = pipe.loss_for(resolved, den.device)
+    views = resolved.build("tiler").views(resolved.canvas)
+    weight, decay = float(job["sync"]["weight"]), float(job["sync"]["decay"])
+    _warm_up(den.unet, den.vae, den.pipe.text_encoder.config.hidden_size)
+    counters = Counters()
+    counters.unet(den.unet)
+    counters.decoder(den.vae, "vae_decodes")
+    counters.autograd()
+    start_rss = _start_memory(job["device"])
+    seconds = []
+    for seed in job["seeds"]:
+        noise = torch.randn(resolved.canvas.latent_shape(), generator=torch.Generator("cpu").manual_seed(seed))
+        _sync(job["device"])
+        t0 = time.perf_counter()
+        latents = reference_syncdiffusion(den, loss, views, noise, job["steps"], weight, decay, 7.5, PROMPT)
+        decode_canvas(den, latents, False, False)  # as the syncengine rows do
+        _sync(job["device"])
+        seconds.append(time.perf_counter() - t0)
+    return _result(job, seconds, counters, start_rss, {})
+
+
 def run_decode(job: dict[str, Any]) -> dict[str, Any]:
     """The final decode alone (no sampling): latents of a wide canvas, tiled or not."""
     from syncengine.config import resolve
@@ -212,7 +244,7 @@ def _result(job, seconds, counters, start_rss, extra) -> dict[str, Any]:
     return out
 
 
-KINDS = {"diffusers": run_diffusers, "syncengine": run_syncengine, "decode": run_decode}
+KINDS = {"diffusers": run_diffusers, "syncengine": run_syncengine, "reference": run_reference, "decode": run_decode}
 
 
 def main(argv: list[str]) -> int:

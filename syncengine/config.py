@@ -38,7 +38,7 @@ class SyncConfig:
     every: int = 1  # sync on steps i with (i + 1) % every == 0
     until: Optional[int] = None  # sync only while i < until (None: every step)
     anchor: Any = "center"  # "center" (paper), "first", "last" or a view index
-    batch_size: Optional[int] = None  # views per sync forward/backward; None: sampler.view_batch_size
+    batch_size: Optional[int] = None  # views per sync forward/backward; None: view_batch_size on GPU, 1 on CPU
     resolution: Optional[int] = None  # resize decoded x0 (shorter side, px) before the loss; None: full size (paper)
 
 

@@ -49,7 +49,9 @@ class Denoiser(Plugin):
     - ``predict(latents, step, conds, views)`` runs the network on a batch of views ``[B, C, h, w]`` and returns its
       output with classifier-free guidance applied. It must be differentiable w.r.t. ``latents`` when grad is
       enabled (the sync step needs it) and must not depend on batch composition (results cannot change with the
-      view batch size).
+      view batch size), unless it sets ``joint_views`` (below).
+    - ``joint_views``: True where a prediction depends on the other views of its batch (MVDiffusion); the sync step
+      then keeps its views in one batch by default.
     - ``decode(latents)`` returns images in ``[-1, 1]`` (not clamped), differentiably.
     """
 
@@ -58,6 +60,7 @@ class Denoiser(Plugin):
     prediction_type: str = "epsilon"
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    joint_views: bool = False
 
     @property
     def default_window(self) -> int:

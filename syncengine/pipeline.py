@@ -57,6 +57,16 @@ def requests_of(resolved: ResolvedSpec) -> list[Request]:
     return out
 
 
+def sync_batch_size(configured: int | None, device: torch.device | str, joint_views: bool = False) -> int | None:
+    """``sync.batch_size``, where unset: the view batch on an accelerator (one backward fills it), one view at a time
+    on a CPU, where a batch does the same arithmetic with a larger working set (measured 7-20% slower, twice the
+    memory; docs/performance.md). A denoiser with ``joint_views`` keeps the view batch (its views attend to each
+    other)."""
+    if configured is not None or joint_views:
+        return configured
+    return 1 if torch.device(device).type == "cpu" else None
+
+
 def decode_canvas(denoiser: Denoiser, latents: torch.Tensor, periodic: bool, tiled: bool) -> torch.Tensor:
     """Latents -> image in [0, 1]. Periodic canvases are decoded with wrapped padding so the seam is continuous."""
     pad = 0
@@ -127,7 +137,7 @@ class Pipeline:
                 steps=cfg.sampler.steps,
                 guidance_scale=cfg.sampler.guidance_scale,
                 view_batch_size=cfg.sampler.view_batch_size,
-                sync_batch_size=cfg.sync.batch_size,
+                sync_batch_size=sync_batch_size(cfg.sync.batch_size, denoiser.device, denoiser.joint_views),
                 anchor=cfg.sync.anchor,
                 sync_resolution=cfg.sync.resolution,
                 scheduler_options=dict(cfg.sampler.scheduler_options),

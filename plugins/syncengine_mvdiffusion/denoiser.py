@@ -48,6 +48,7 @@ class MVDiffusionDenoiser(StableDiffusionDenoiser):
     """SD components + correspondence-attention blocks; cameras come from ``view.context["camera"]``."""
 
     Config = MVDiffusionConfig
+    joint_views = True  # the views of a batch attend to each other
 
     def __init__(self, config: MVDiffusionConfig | None = None):
         c = config if config is not None else MVDiffusionConfig()
