@@ -59,3 +59,17 @@ def panorama_costs(
         backward_calls=n_sync * chunks,
         sync_steps=n_sync,
     )
+
+
+def reference_costs(views: int, steps: int, guidance: bool = True) -> Costs:
+    """Counts of ``benchmarks.reference`` (the authors' structure, syncing every step): per step the anchor (1 UNet
+    evaluation and 1 decode, no gradient), then for *every* window, the anchor's included, 1 UNet evaluation and
+    1 decode with gradient and one backward, then 1 UNet evaluation to denoise."""
+    rows = 2 if guidance else 1
+    return Costs(
+        unet_rows=rows * steps * (2 * views + 1),
+        unet_rows_with_grad=rows * steps * views,
+        sync_decodes=steps * (views + 1),
+        backward_calls=steps * views,
+        sync_steps=steps,
+    )

@@ -137,7 +137,8 @@ def syncengine_spec(job: dict[str, Any], seed: int, output_dir: str) -> dict[str
     }
 
 
-def run_syncengine(job: dict[str, Any]) -> dict[str, Any]:
+def _loaded(job: dict[str, Any]):
+    """(resolved spec, pipeline, denoiser, loss, output folder) of a syncengine job, loaded like a run loads them."""
     from syncengine.config import resolve
     from syncengine.pipeline import Pipeline
 
@@ -145,12 +146,11 @@ def run_syncengine(job: dict[str, Any]) -> dict[str, Any]:
     resolved = resolve(syncengine_spec(job, job["seeds"][0], tmp))
     pipe = Pipeline(resolved)
     den = pipe.denoiser_for(resolved)
-    loss = pipe.loss_for(resolved, den.device)
-    distance = None
-    if job.get("coherence"):
-        from syncengine.evaluation.metrics import load_distance
+    return resolved, pipe, den, pipe.loss_for(resolved, den.device), tmp
 
-        distance = load_distance({"name": "lpips", "net": "vgg", "backbone": "random"})
+
+def _warm_and_count(den) -> Counters:
+    """Warm the models up, then count UNet rows, decodes (full and tiny) and backward passes from here on."""
     _warm_up(den.unet, den.vae, den.pipe.text_encoder.config.hidden_size)
     counters = Counters()
     counters.unet(den.unet)
@@ -158,6 +158,19 @@ def run_syncengine(job: dict[str, Any]) -> dict[str, Any]:
     if den.sync_decoder is not None:
         counters.decoder(den.sync_decoder, "tiny_decodes")
     counters.autograd()
+    return counters
+
+
+def run_syncengine(job: dict[str, Any]) -> dict[str, Any]:
+    from syncengine.config import resolve
+
+    resolved, pipe, den, loss, tmp = _loaded(job)
+    distance = None
+    if job.get("coherence"):
+        from syncengine.evaluation.metrics import load_distance
+
+        distance = load_distance({"name": "lpips", "net": "vgg", "backbone": "random"})
+    counters = _warm_and_count(den)
     start_rss = _start_memory(job["device"])
     seconds, stats, intra = [], [], []
     for seed in job["seeds"]:
@@ -182,23 +195,14 @@ def run_syncengine(job: dict[str, Any]) -> dict[str, Any]:
 
 def run_reference(job: dict[str, Any]) -> dict[str, Any]:
     """The reference implementation's structure (``benchmarks.reference``) on the same model, loss and windows."""
-    from syncengine.config import resolve
-    from syncengine.pipeline import Pipeline, decode_canvas
+    from syncengine.pipeline import decode_canvas
 
     from .reference import reference_syncdiffusion
 
-    tmp = tempfile.mkdtemp(prefix="bench-")
-    resolved = resolve(syncengine_spec(job, job["seeds"][0], tmp))
-    pipe = Pipeline(resolved)
-    den = pipe.denoiser_for(resolved)
-    loss = pipe.loss_for(resolved, den.device)
+    resolved, _, den, loss, _ = _loaded(job)
     views = resolved.build("tiler").views(resolved.canvas)
     weight, decay = float(job["sync"]["weight"]), float(job["sync"]["decay"])
-    _warm_up(den.unet, den.vae, den.pipe.text_encoder.config.hidden_size)
-    counters = Counters()
-    counters.unet(den.unet)
-    counters.decoder(den.vae, "vae_decodes")
-    counters.autograd()
+    counters = _warm_and_count(den)
     start_rss = _start_memory(job["device"])
     seconds = []
     for seed in job["seeds"]:

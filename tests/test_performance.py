@@ -4,6 +4,7 @@ never asserted here."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -346,3 +347,23 @@ def test_unset_sync_batch_size_is_one_view_on_a_cpu():
     from syncengine_sd.denoiser import StableDiffusionDenoiser
 
     assert MVDiffusionDenoiser.joint_views and not StableDiffusionDenoiser.joint_views
+
+
+@pytest.mark.slow
+def test_benchmark_rows_count_what_the_cost_model_says(cost_model, monkeypatch, tmp_path):
+    """Two benchmark rows end to end (each a fresh worker process on the SD-shaped benchmark model): the reference
+    structure and the sampler, paper settings, one view at a time; their counts are the cost model's."""
+    from benchmarks.__main__ import PAPER_SYNC, run_job
+    from benchmarks.model import bench_model_paths
+
+    if "SYNCENGINE_CACHE" not in os.environ:  # the workers inherit it: build the model where they will look
+        monkeypatch.setenv("SYNCENGINE_CACHE", str(tmp_path))
+    model = str(bench_model_paths()[0])
+    job = dict(model=model, device="cpu", height=64, width=128, window=64, stride=32, steps=2, view_batch_size=4,
+               seeds=[0], threads=1, sync={**PAPER_SYNC, "batch_size": 1})
+    ours = run_job({**job, "kind": "syncengine", "name": "paper-bs1"}, verbose=False)["per_panorama"]
+    ref = run_job({**job, "kind": "reference", "name": "reference"}, verbose=False)["per_panorama"]
+    for counted, expected in ((ours, cost_model.panorama_costs(3, 2, 4, 1)), (ref, cost_model.reference_costs(3, 2))):
+        assert counted["unet_rows"] == expected.unet_rows
+        assert counted["vae_decodes"] == expected.sync_decodes + 1  # + the final canvas
+        assert counted["backward_calls"] == expected.backward_calls
