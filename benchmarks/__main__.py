@@ -3,8 +3,8 @@
 Sections (each measurement in a fresh process, see ``worker``):
 - speed: (a) diffusers ``StableDiffusionPanoramaPipeline``, (b) syncengine weight 0, (c) the paper's sync settings
   in the reference implementation's structure (``benchmarks.reference``: one window at a time, the anchor's gradient
-  included), then in syncengine one window at a time (``sync.batch_size: 1``) and batched, (d) the ``fast`` preset. Seconds per panorama, ratio to
-  (a), UNet rows, VAE decodes, backward passes, peak memory.
+  included), then in syncengine one window at a time (``sync.batch_size: 1``) and batched, (d) the ``fast`` preset.
+  Seconds per panorama, ratio to (a), UNet rows, VAE decodes, backward passes, peak memory.
 - shape: weight 0 and the fast preset on the 512x2048 geometry (13 windows) scaled to ``--window`` (CPU default).
 - memory: peak memory for 4, 8 and 16 windows at a fixed view batch size, and with every window in one batch
   (paper sync settings, one step).

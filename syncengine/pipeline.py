@@ -59,7 +59,7 @@ def requests_of(resolved: ResolvedSpec) -> list[Request]:
 
 def sync_batch_size(configured: int | None, device: torch.device | str, joint_views: bool = False) -> int | None:
     """``sync.batch_size``, where unset: the view batch on an accelerator (one backward fills it), one view at a time
-    on a CPU, where a batch does the same arithmetic with a larger working set (measured 7-20% slower, twice the
+    on a CPU, where a batch does the same arithmetic with a larger working set (measured 6-20% slower, twice the
     memory; docs/performance.md). A denoiser with ``joint_views`` keeps the view batch (its views attend to each
     other)."""
     if configured is not None or joint_views:
