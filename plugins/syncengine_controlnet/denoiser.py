@@ -57,6 +57,7 @@ class ControlNetConfig(StableDiffusionConfig):
     save_condition: bool = True  # save each fitted condition image next to the output (<name>.control.png)
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.controlnets:
             raise ConfigError("denoiser.controlnets", "empty: give at least one, e.g. [{model: "
                               "lllyasviel/sd-controlnet-canny, preprocessor: canny}]")

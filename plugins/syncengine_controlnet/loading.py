@@ -10,6 +10,7 @@ import torch
 
 from syncengine.errors import ConfigError, ModelNotFoundError, one_line
 from syncengine_sd.loading import looks_like_path
+from syncengine_sd.model_files import damaged_cache_error, load_checked, load_single_file
 
 EXAMPLE = "lllyasviel/sd-controlnet-canny"
 
@@ -36,27 +37,31 @@ def load_controlnet(ref: str, key: str, dtype: torch.dtype, revision: str | None
                     f"and weights), a .safetensors/.pth checkpoint, or a hub id such as {EXAMPLE}"
                 )
             if path.is_file():
-                try:
-                    return ControlNetModel.from_single_file(str(path), config=single_file_config, **kwargs)
-                except (OSError, ValueError) as exc:
-                    raise ModelNotFoundError(
-                        f"ControlNet checkpoint {ref!r} ({key}) could not be loaded{_reason(exc)}; a single file needs "
-                        f"its config: set single_file_config to a local diffusers ControlNet folder of the same "
-                        f"architecture, or convert it with save_pretrained"
-                    ) from exc
+                config_key = key.rsplit(".", 1)[0] + ".single_file_config"
+                return load_single_file(
+                    lambda: ControlNetModel.from_single_file(str(path), config=single_file_config, **kwargs), path,
+                    f"ControlNet checkpoint {ref!r} ({key})", single_file_config, config_key,
+                    "a local diffusers ControlNet folder")
             if not (path / "config.json").is_file():
                 raise ModelNotFoundError(
                     f"{ref!r} ({key}) is not a diffusers ControlNet folder (no config.json); save one with "
                     f"controlnet.save_pretrained(folder) or point at the folder that has it"
                 )
-            return ControlNetModel.from_pretrained(str(path), **kwargs)
+            return load_checked(lambda: ControlNetModel.from_pretrained(str(path), **kwargs), path,
+                                f"ControlNet folder {ref!r} ({key})",
+                                "download it again, or save the folder again with controlnet.save_pretrained(folder)")
         if revision:
             kwargs["revision"] = revision
         if variant:
             kwargs["variant"] = variant
         try:
             return ControlNetModel.from_pretrained(ref, **kwargs)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - a damaged cache file, a missing model, or (re-raised) a bug
+            error = damaged_cache_error(exc, ref, f"ControlNet ({key})", revision)
+            if error is not None:
+                raise error from exc
+            if not isinstance(exc, OSError):
+                raise
             raise ModelNotFoundError(
                 f"ControlNet {ref!r} ({key}) could not be loaded{_reason(exc)}. Download it where the Hugging Face "
                 f"hub is reachable (`huggingface-cli download {ref}`) and copy the cache (HF_HOME), or set {key} to a "

@@ -39,19 +39,38 @@ def checkpoint_path(net: str) -> Path:
 
 
 @contextlib.contextmanager
-def backbone_errors(net: str):
-    """Turn a failed load/download of a torchvision backbone into a one-line, actionable error."""
+def backbone_errors(net: str, pretrained: bool = True):
+    """Turn a failed load/download of a torchvision backbone into a one-line, actionable error: a damaged file in
+    torchvision's cache is named (never replaced by random weights); a missing one says where to put it. A random
+    backbone (``pretrained`` False) reads no file: its failures keep their tracebacks."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision's 'pretrained' deprecation noise from lpips
             yield
-    except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
-        if not isinstance(exc, OSError) and "download" not in str(exc).lower() and "checkpoint" not in str(exc).lower():
+    except Exception as exc:  # noqa: BLE001 - narrowed below; anything else is re-raised
+        from syncengine.errors import SyncEngineError
+        from syncengine_sd.model_files import LOAD_ERRORS, file_problem
+
+        if isinstance(exc, SyncEngineError) or not pretrained:
             raise
         path = checkpoint_path(net)
+        url = _weights_enum(net).url
+        fix = f"delete it (torchvision downloads it again where the network is reachable) or put {url} there"
+        if path.is_file():
+            problem = file_problem(path)
+            if problem:
+                raise ModelNotFoundError(f"the {net} backbone's weights file {path} {problem}; {fix}") from exc
+            if isinstance(exc, (*LOAD_ERRORS, RuntimeError)):  # a sound file that is not these weights
+                raise ModelNotFoundError(f"the {net} backbone's weights file {path} could not be loaded "
+                                         f"({one_line(exc, 120)}); {fix}") from exc
+            raise
+        if not isinstance(exc, (OSError, RuntimeError, ValueError)):
+            raise
+        if not isinstance(exc, OSError) and "download" not in str(exc).lower() and "checkpoint" not in str(exc).lower():
+            raise
         raise ModelNotFoundError(
             f"ImageNet weights for the {net} backbone are not at {path} and could not be downloaded "
-            f"({one_line(exc, 120)}); fetch {_weights_enum(net).url} into that folder (or set TORCH_HOME), "
+            f"({one_line(exc, 120)}); fetch {url} into that folder (or set TORCH_HOME), "
             f"or use backbone: random for a smoke run"
         ) from exc
 
@@ -61,7 +80,7 @@ def vgg_features(net: str, random: bool) -> torch.nn.Module:
     import torchvision.models as tvm
 
     builder = tvm.vgg19 if net == "vgg19" else tvm.vgg16
-    with backbone_errors(net), torch.random.fork_rng(devices=[]):
+    with backbone_errors(net, not random), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # a random backbone is the same one every run (reproducible smoke runs)
         model = builder(weights=None if random else _weights_enum(net))
     return model.features

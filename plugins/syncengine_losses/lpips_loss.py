@@ -36,7 +36,7 @@ class LPIPSLoss(SyncLoss):
             raise ConfigError("sync.loss.backbone", f"{c.backbone!r} is not pretrained or random")
         if c.backbone == "random":
             log.warning("lpips/%s: %s", c.net, RANDOM_NOTICE)
-        with backbone_errors(c.net), torch.random.fork_rng(devices=[]):
+        with backbone_errors(c.net, c.backbone == "pretrained"), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # a random backbone must still be the same one every run (reproducible outputs)
             self.model = lpips.LPIPS(net=c.net, pnet_rand=c.backbone == "random", verbose=False)
         self.model.requires_grad_(False).eval()

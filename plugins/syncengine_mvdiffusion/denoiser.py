@@ -34,6 +34,7 @@ class MVDiffusionConfig(StableDiffusionConfig):
     trust_checkpoint: bool = False  # unpickle a .ckpt holding more than tensors (only for files you trust)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.neighbors not in NEIGHBOURS:
             raise ConfigError("denoiser.neighbors", f"{self.neighbors!r} is not one of {', '.join(NEIGHBOURS)}")
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from syncengine.errors import ConfigError, ModelNotFoundError, SyncEngineError, one_line
+from syncengine_sd.model_files import LOAD_ERRORS, file_problem, load_checked
 
 OFFICIAL_URL = "https://www.dropbox.com/scl/fi/yx9e0lj4fwtm9xh2wlhhg/pano.ckpt?rlkey=kowqygw7vt64r3maijk8klfl0&dl=0"
 BLOCKS_FOLDER = "correspondence_attention"  # inside a pipeline folder saved by save_pretrained
@@ -65,24 +66,40 @@ def find_weights(checkpoint: str | None, pretrained: str) -> tuple[str, Path]:
 
 def read_state_dict(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a Lightning ``.ckpt`` (its ``state_dict``), a plain ``torch.save``d state dict or a
-    ``.safetensors`` file. Pickled objects beyond tensors are refused unless ``trust``."""
+    ``.safetensors`` file. Pickled objects beyond tensors are refused unless ``trust``; a file that is not a valid,
+    complete checkpoint (truncated, garbage) is one line naming it."""
+    try:
+        obj = _read(path, trust)
+    except SyncEngineError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - explained by the file when it is damaged; else re-raised below
+        problem = file_problem(path)
+        if problem:
+            raise ModelNotFoundError(f"MVDiffusion checkpoint {str(path)!r} (denoiser.checkpoint) is not a valid, "
+                                     f"complete checkpoint: it {problem}; {HOW_TO_GET}") from exc
+        if isinstance(exc, pickle.UnpicklingError):
+            raise SyncEngineError(
+                f"checkpoint {str(path)!r} holds Python objects beyond tensors ({one_line(exc, 120)}); if "
+                f"you trust the file, set denoiser.trust_checkpoint: true") from None
+        if isinstance(exc, LOAD_ERRORS):
+            raise ModelNotFoundError(f"MVDiffusion checkpoint {str(path)!r} (denoiser.checkpoint) could not be read "
+                                     f"({one_line(exc)}); {HOW_TO_GET}") from exc
+        raise
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SyncEngineError(f"checkpoint {str(path)!r} is not a state dict (nor a Lightning checkpoint with one)")
+    return state
+
+
+def _read(path: Path, trust: bool) -> Any:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path))
     try:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=not trust, mmap=True)
-        except RuntimeError:  # mmap needs the zip format; legacy files load without it
-            obj = torch.load(str(path), map_location="cpu", weights_only=not trust)
-    except pickle.UnpicklingError as exc:
-        raise SyncEngineError(
-            f"checkpoint {str(path)!r} holds Python objects beyond tensors ({one_line(exc, 120)}); if "
-            f"you trust the file, set denoiser.trust_checkpoint: true") from None
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise SyncEngineError(f"checkpoint {str(path)!r} is not a state dict (nor a Lightning checkpoint with one)")
-    return state
+        return torch.load(str(path), map_location="cpu", weights_only=not trust, mmap=True)
+    except RuntimeError:  # mmap needs the zip format; legacy files load without it
+        return torch.load(str(path), map_location="cpu", weights_only=not trust)
 
 
 def _vae_name(key: str) -> str:
@@ -193,11 +210,14 @@ def load_blocks(blocks: nn.Module, folder: Path) -> None:
     from safetensors.torch import load_file
 
     where = folder / BLOCKS_FOLDER
-    config = json.loads((where / "config.json").read_text())
-    if config.get("format") != FORMAT:
-        raise ModelNotFoundError(f"{str(where)!r} is not a {FORMAT} folder (config.json format "
-                                 f"{config.get('format')!r})")
+    fix = "save the folder again with syncengine_mvdiffusion.loading.save_pretrained"
+    what = f"correspondence attention {str(where)!r} (denoiser.pretrained)"
+    config = load_checked(lambda: json.loads((where / "config.json").read_text()), where, what, fix)
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else config
+        raise ModelNotFoundError(f"{str(where)!r} is not a {FORMAT} folder (config.json format {found!r})")
     weights = where / "model.safetensors"
     if not weights.is_file():
-        raise ModelNotFoundError(f"{str(weights)!r} is missing; save the folder again with save_pretrained")
-    load_strict(blocks, load_file(str(weights)), f"correspondence attention in {str(where)!r}", "denoiser.pretrained")
+        raise ModelNotFoundError(f"{str(weights)!r} is missing; {fix}")
+    state = load_checked(lambda: load_file(str(weights)), where, what, fix)
+    load_strict(blocks, state, f"correspondence attention in {str(where)!r}", "denoiser.pretrained")

@@ -12,7 +12,7 @@ from syncengine.errors import ConfigError
 from syncengine.schedulers import make_scheduler
 from syncengine.views import View
 
-from .loading import TINY_MODEL, check_tokenizer, load_pipeline, torch_device, torch_dtype
+from .loading import TINY_MODEL, check_device, check_tokenizer, load_pipeline, torch_device, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,10 @@ class StableDiffusionConfig:
     gradient_checkpointing: bool = False  # recompute UNet activations in the sync backward: less memory, more time
     sync_vae: Optional[str] = None  # a cheaper decoder for the sync loss only (AutoencoderTiny folder/hub id)
     sync_decode_scale: float = 1.0  # resize x0 latents by this before the sync decode (0.5: 4x fewer pixels)
+
+    def __post_init__(self):
+        if self.device != "auto":  # at validation: `cuda` on a machine without CUDA is a config error, before loading
+            check_device(self.device, "denoiser.device")
 
 
 class StableDiffusionDenoiser(Denoiser):

@@ -5,13 +5,18 @@ back to random weights silently.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from syncengine.errors import ModelNotFoundError, one_line
+from syncengine.errors import ConfigError, ModelNotFoundError, one_line
+
+from .model_files import damaged_cache_error, load_checked, load_single_file
+
+log = logging.getLogger(__name__)
 
 TINY_MODEL = "syncengine:tiny-random"  # the offline demo model: random weights, for smoke runs only
 
@@ -24,16 +29,45 @@ def torch_dtype(name: str, device: torch.device) -> torch.dtype:
     except AttributeError:
         dtype = None
     if not isinstance(dtype, torch.dtype):
-        from syncengine.errors import ConfigError
-
         raise ConfigError("denoiser.dtype", f"{name!r} is not a torch dtype; use auto, float32, float16 or bfloat16")
     return dtype
 
 
-def torch_device(name: str) -> torch.device:
+def torch_device(name: str, key: str = "denoiser.device") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return check_device(name, key)
+
+
+def available_devices() -> list[str]:
+    """The devices this machine has, as ``denoiser.device`` values (CUDA counted without initialising it)."""
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def check_device(name: str, key: str = "denoiser.device") -> torch.device:
+    """``torch.device(name)`` when this machine has it, else a :class:`ConfigError` naming ``key`` and the devices
+    it does have (``cuda`` on a machine without CUDA fails here, not deep inside ``.to()``)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(key, f"{name!r} is not a device; use auto or one of: {', '.join(available_devices())}") \
+            from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        ok = count > 0 and (device.index is None or device.index < count)
+    elif device.type == "mps":
+        ok = "mps" in available_devices()
+    else:
+        backend = getattr(torch, device.type, None)
+        ok = not callable(getattr(backend, "is_available", None)) or bool(backend.is_available())
+    if not ok:
+        raise ConfigError(key, f"{name!r} is not available on this machine (available: "
+                               f"{', '.join(available_devices())}); use auto or one of those")
+    return device
 
 
 def looks_like_path(ref: str) -> bool:
@@ -62,12 +96,11 @@ def load_pipeline(pipeline_cls, ref: str, dtype: torch.dtype, **kwargs: Any):
 
 
 def _load_pipeline(pipeline_cls, ref: str, dtype: torch.dtype, **kwargs: Any):
-    if ref == TINY_MODEL:
-        from .tiny import tiny_model_path
-
-        ref = str(tiny_model_path())
-    path = Path(ref).expanduser()
     common = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    if ref == TINY_MODEL:
+        kwargs.pop("single_file_config", None)
+        return _load_tiny(pipeline_cls, common, kwargs)
+    path = Path(ref).expanduser()
     if looks_like_path(ref) or path.exists():
         if not path.exists():
             raise ModelNotFoundError(
@@ -76,28 +109,52 @@ def _load_pipeline(pipeline_cls, ref: str, dtype: torch.dtype, **kwargs: Any):
             )
         if path.is_file():
             config = kwargs.pop("single_file_config", None)
-            try:
-                return pipeline_cls.from_single_file(str(path), config=config, **common, **kwargs)
-            except (OSError, ValueError) as exc:
-                # not _not_found: its `huggingface-cli download <ref>` hint makes no sense for a local file
-                reason = one_line(exc)
-                raise ModelNotFoundError(
-                    f"single-file checkpoint {ref!r} could not be loaded ({reason}); it needs its pipeline's configs: "
-                    f"set denoiser.single_file_config to a local diffusers folder of the same architecture (or a "
-                    f"cached hub id)"
-                ) from exc
+            # no _not_found: its `huggingface-cli download <ref>` hint makes no sense for a local file
+            return load_single_file(
+                lambda: pipeline_cls.from_single_file(str(path), config=config, **common, **kwargs), path,
+                f"single-file checkpoint {ref!r}", config, "denoiser.single_file_config",
+                "a local diffusers folder")
         if not (path / "model_index.json").is_file():
             raise ModelNotFoundError(
                 f"{ref!r} is not a diffusers pipeline folder (no model_index.json); save one with "
                 f"pipeline.save_pretrained(folder) or point at the folder that has it"
             )
         kwargs.pop("single_file_config", None)
-        return pipeline_cls.from_pretrained(str(path), **common, **kwargs)
+        return _load_folder(pipeline_cls, path, f"model folder {ref!r}", FOLDER_FIX, common, kwargs)
     kwargs.pop("single_file_config", None)
     try:
         return pipeline_cls.from_pretrained(ref, **common, **kwargs)
-    except OSError as exc:
-        raise _not_found(ref, "model", exc) from exc
+    except Exception as exc:  # noqa: BLE001 - a damaged cache file, a missing model, or (re-raised) a bug
+        error = damaged_cache_error(exc, ref, "model", kwargs.get("revision"), pipeline_cls)
+        if error is not None:
+            raise error from exc
+        if isinstance(exc, OSError):
+            raise _not_found(ref, "model", exc) from exc
+        raise
+
+
+FOLDER_FIX = "download the model again, or save the folder again with pipeline.save_pretrained(folder)"
+
+
+def _load_folder(pipeline_cls, path: Path, what: str, fix: str, common: dict, kwargs: dict):
+    return load_checked(lambda: pipeline_cls.from_pretrained(str(path), **common, **kwargs), path, what, fix,
+                        pipeline_cls)
+
+
+def _load_tiny(pipeline_cls, common: dict, kwargs: dict):
+    """The built-in tiny model from its cache, built on first use; a cache that fails to load (a damaged or
+    half-written file) is rebuilt once."""
+    from .tiny import TINY_CACHE_FIX, cache_stamp, tiny_model_path
+
+    path = tiny_model_path()
+    stamp = cache_stamp(path)
+    what = f"the built-in tiny model's cache {str(path)!r}"
+    try:
+        return _load_folder(pipeline_cls, path, what, TINY_CACHE_FIX, common, kwargs)
+    except ModelNotFoundError as exc:
+        log.warning("%s failed to load, rebuilding it: %s", TINY_MODEL, exc)
+    path = tiny_model_path(rebuild_from=stamp)
+    return _load_folder(pipeline_cls, path, what, TINY_CACHE_FIX, common, kwargs)
 
 
 def check_tokenizer(tokenizer, ref: str) -> None:

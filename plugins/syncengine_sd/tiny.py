@@ -6,25 +6,103 @@ that every code path runs, but its images are noise-like: it has never been trai
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 import torch
 
+from syncengine.errors import SyncEngineError, one_line
+
 TINY_NOTICE = "using the built-in tiny model with RANDOM weights: images are noise-like (smoke runs only)"
 
 
+CACHE_VAR = "SYNCENGINE_CACHE"
+TINY_FOLDER = "tiny-random-sd-v1"
+TINY_CACHE_FIX = f"delete that folder (it is rebuilt on first use) or point {CACHE_VAR} at another writable folder"
+
+
 def _cache_dir() -> Path:
-    root = os.environ.get("SYNCENGINE_CACHE") or Path.home() / ".cache" / "syncengine"
-    return Path(root)
+    root = os.environ.get(CACHE_VAR) or Path.home() / ".cache" / "syncengine"
+    return Path(root).expanduser()
 
 
-def tiny_model_path() -> Path:
-    """The demo model's folder, built on first use."""
-    path = _cache_dir() / "tiny-random-sd-v1"
-    if not (path / "model_index.json").is_file():
-        build_tiny_pipeline(path)
+def _cache_error(root: Path, problem: str) -> SyncEngineError:
+    where = f"{CACHE_VAR}={str(root)!r}" if os.environ.get(CACHE_VAR) else \
+        f"the model cache {str(root)!r} ({CACHE_VAR} is unset)"
+    return SyncEngineError(f"{where} {problem}; the built-in tiny model is built there: point {CACHE_VAR} at a "
+                           f"writable folder")
+
+
+def writable_cache_dir() -> Path:
+    """The cache folder, created; a :class:`SyncEngineError` naming ``SYNCENGINE_CACHE`` when it is a file or cannot
+    be written."""
+    root = _cache_dir()
+    if root.exists() and not root.is_dir():
+        raise _cache_error(root, "is a file, not a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        problem = "is under a file, not a folder" if isinstance(exc, NotADirectoryError) else \
+            f"cannot be written ({one_line(exc, 120)})"
+        raise _cache_error(root, problem) from None
+    return root
+
+
+@contextlib.contextmanager
+def _build_lock(root: Path, name: str):
+    """An exclusive lock between processes building ``name`` in ``root`` (POSIX ``flock``; elsewhere none: the
+    atomic rename in :func:`build_tiny_pipeline` still keeps readers from a half-written folder)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        handle = open(root / f".{name}.lock", "a")
+    except OSError as exc:
+        raise _cache_error(root, f"cannot be written ({one_line(exc, 120)})") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cache_stamp(path: Path) -> tuple[int, int] | None:
+    """Identifies one build of a cached folder (a rebuild renames a new folder into place)."""
+    try:
+        st = (path / "model_index.json").stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def tiny_model_path(rebuild_from: tuple[int, int] | None = None) -> Path:
+    """The demo model's folder, built on first use. ``rebuild_from``: the :func:`cache_stamp` of a cached folder that
+    failed to load; it is rebuilt unless another process rebuilt it meanwhile. Concurrent builders take turns (a lock
+    file), and each build is renamed into place whole."""
+    path = _cache_dir() / TINY_FOLDER
+    if rebuild_from is None and (path / "model_index.json").is_file():
+        return path
+    root = writable_cache_dir()
+    with _build_lock(root, TINY_FOLDER):
+        stamp = cache_stamp(path)
+        if stamp is not None and (rebuild_from is None or stamp != rebuild_from):
+            return path  # built (or rebuilt) by another process while this one waited
+        for stale in root.glob(f"{TINY_FOLDER}.partial-*"):  # left by a builder that died (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            build_tiny_pipeline(path)
+        except OSError as exc:
+            raise _cache_error(root, f"cannot be written ({one_line(exc, 120)})") from exc
     return path
 
 
@@ -92,7 +170,6 @@ def build_tiny_pipeline(path: str | Path, seed: int = 0, prediction_type: str = 
         norm_num_groups=8,
     )
     vae = sd_vae((16, 16, 16, 16), sample_size * 8)
-    import shutil
     import tempfile
 
     with tempfile.TemporaryDirectory() as src:
@@ -109,9 +186,30 @@ def build_tiny_pipeline(path: str | Path, seed: int = 0, prediction_type: str = 
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    tmp = path.with_name(path.name + f".partial-{os.getpid()}")
-    pipe.save_pretrained(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        pipe.save_pretrained(tmp)
+        _replace_folder(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _replace_folder(new: Path, path: Path) -> None:
+    """Rename the finished folder ``new`` to ``path``: an old (damaged) ``path`` is renamed aside first and removed
+    after, so a reader sees the old folder or the new one, never a half-written one. Where another builder's folder
+    won the race for ``path``, ``new`` is left to be removed."""
+    old = None
+    if path.exists():
+        old = path.with_name(f"{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            path.rename(old)
+        except FileNotFoundError:  # another builder moved it first
+            old = None
+    try:
+        new.rename(path)
+    except OSError:
+        if not (path / "model_index.json").is_file():  # not a concurrent builder's finished folder: a real failure
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
