@@ -9,6 +9,8 @@ window vs canvas). Every failure is a :class:`~syncengine.errors.ConfigError` na
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -54,10 +56,10 @@ class SamplerConfig:
 @dataclass
 class RequestConfig:
     prompt: str = MISSING
-    negative_prompt: str = ""
+    negative_prompt: str = ""  # negative prompt for classifier-free guidance (literal text)
     seed: int = 0
-    name: Optional[str] = None  # output file stem; default "<index>-<prompt slug>-s<seed>"
-    inputs: Dict[str, Any] = field(default_factory=dict)  # per-request inputs for plugins (masks, condition images)
+    name: Optional[str] = None  # output file stem (literal); default "<index>-<prompt slug>-s<seed>"
+    inputs: Dict[str, Any] = field(default_factory=dict)  # per-request plugin inputs (mask, image paths; literal text)
     overrides: Dict[str, Any] = field(default_factory=dict)  # dotted spec keys applied to this request only
 
 
@@ -73,6 +75,7 @@ class RuntimeConfig:
     overwrite: bool = False  # replace existing outputs of the same name (default: add a numeric suffix)
     progress: bool = True
     tiled_decode: bool = False  # decode the final canvas in tiles (diffusers enable_tiling): bounded memory
+    max_megapixels: float = 100.0  # refuse canvases above this many million pixels (likely a typo); raise it if meant
 
 
 @dataclass
@@ -155,19 +158,22 @@ def load_file(path: Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
 
 
 def _parse_value(key: str, text: str) -> Any:
-    """A command-line value parsed the way YAML would (numbers, booleans, null, lists)."""
+    """A command-line value parsed the way YAML would (numbers, booleans, null, lists). Not resolved: ``${...}`` is
+    resolved against the whole spec at validation (and never in a request's text, see :func:`literal`)."""
     try:
         node = OmegaConf.from_dotlist([f"value={text}"])
-    except OmegaConfBaseException as exc:
-        raise SyncEngineError(f"bad override {key}={text}: {one_line(exc)}") from exc
-    value = node._get_node("value")
-    return OmegaConf.to_container(node)["value"] if isinstance(value, (DictConfig, ListConfig)) else node.value
+    except Exception as exc:  # OmegaConf's and YAML's errors (``[1,`` is a yaml ParserError)
+        raise ConfigError(key, f"cannot parse {text!r} ({one_line(exc)}); write a YAML value such as 3, "
+                               f"[1, 2] or {{a: 1}}, or quote text: {key}='...'") from None
+    return OmegaConf.to_container(node)["value"]
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     """``key=value`` strings -> (dotted key, parsed value) pairs, in order."""
     out = []
     for item in overrides:
+        if not isinstance(item, str):
+            raise SyncEngineError(f"override {item!r} is not a 'key=value' string (e.g. 'sync.weight=10')")
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise SyncEngineError(f"override {item!r} is not key=value (e.g. sync.weight=10)")
@@ -227,6 +233,9 @@ def compose(spec: str | Path | dict | DictConfig | None = None, overrides: list[
         raw = OmegaConf.create()
     elif isinstance(spec, (str, Path)):
         raw = load_file(find_spec_file(spec))
+    elif not isinstance(spec, (dict, DictConfig)):
+        raise SyncEngineError(f"spec is {type(spec).__name__} {spec!r}; give a YAML file, a preset name (e.g. 'demo') "
+                              "or a mapping of sections")
     else:
         raw = OmegaConf.create(spec)
         if "extends" in raw:
@@ -239,6 +248,36 @@ def compose(spec: str | Path | dict | DictConfig | None = None, overrides: list[
 
 
 # ------------------------------------------------------------------------------------------------------- validation
+
+_INTERPOLATION = re.compile(r"(\\*)\$\{")
+
+
+def literal(text: str) -> str:
+    """Raw user text (a prompts-file line, the API's ``prompts``) escaped so that OmegaConf gives it back unchanged:
+    ``${oc.env:HOME}`` in a prompt must not put an environment variable in the prompt and its sidecar."""
+    return _INTERPOLATION.sub(lambda m: m.group(1) * 2 + "\\${", text)
+
+
+def _uninterpolated(text: str) -> str:
+    """Spec text (YAML, ``key=value``) with every interpolation escaped and escaped ones kept: what OmegaConf shows,
+    never resolved. Idempotent, so a validated spec validates again and ``syncengine config`` output round-trips."""
+    return _INTERPOLATION.sub(lambda m: m.group(0) if len(m.group(1)) % 2 else m.group(1) + "\\${", text)
+
+
+REQUEST_TEXT = ("prompt", "negative_prompt", "name")  # and every string under ``inputs`` (paths)
+
+
+def literal_request(item: dict, escape=_uninterpolated) -> dict:
+    """A request (plain mapping) whose text is never interpolated: prompts, names and ``inputs`` strings are the
+    user's words and paths, not spec references; ``overrides`` are spec keys and keep OmegaConf's meaning."""
+    def text(value: Any) -> Any:
+        if isinstance(value, str):
+            return escape(value)
+        if isinstance(value, dict):
+            return {k: text(v) for k, v in value.items()}
+        return [text(v) for v in value] if isinstance(value, list) else value
+
+    return {k: text(v) if k in REQUEST_TEXT or k == "inputs" else v for k, v in item.items()}
 
 
 def _omegaconf_error(prefix: str, exc: OmegaConfBaseException) -> ConfigError:
@@ -273,7 +312,7 @@ def typed_config(schema: type, values: Any, where: str) -> DictConfig:
     :class:`ConfigError` naming the key under ``where`` (plugins validating their own sub-sections use this too)."""
     try:
         base = OmegaConf.structured(schema)
-        return OmegaConf.merge(base, values)  # type: ignore[return-value]
+        typed = OmegaConf.merge(base, values)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
         if key:
@@ -286,6 +325,27 @@ def typed_config(schema: type, values: Any, where: str) -> DictConfig:
             msg = f"unknown key {str(key).split('.')[-1]!r}; valid keys: {valid}"
         full = ".".join(part for part in (where, str(key) if key else "") if part) or "spec"
         raise ConfigError(full, msg) from None
+    _check_values(typed, where)
+    return typed  # type: ignore[return-value]
+
+
+def _check_values(node: DictConfig | ListConfig, where: str) -> None:
+    """Every value resolves and every number is finite: one rule for every section typed here (core, plugins, their
+    sub-sections). A bad ``${...}`` is then an error naming its key, not a traceback at first use; NaN or infinity
+    (``sampler.guidance_scale=nan``, ``sync.weight=inf``) would give a black image reported as success."""
+    for k in (node.keys() if isinstance(node, DictConfig) else range(len(node))):
+        key = f"{where}.{k}" if where else str(k)
+        if OmegaConf.is_missing(node, k):
+            continue
+        try:
+            value = node[k]
+        except OmegaConfBaseException as exc:
+            raise ConfigError(key, f"cannot resolve this value ({one_line(exc)}); fix the ${{...}} reference, or "
+                                   f"write \\${{ for a literal ${{") from None
+        if isinstance(value, (DictConfig, ListConfig)):
+            _check_values(value, key)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number, got {value}")
 
 
 def _plugin_section(cfg: DictConfig, section: str, kind: str) -> tuple[DictConfig, Any, type]:
@@ -323,10 +383,148 @@ def _drop_default_plugin_options(top: DictConfig, raw: DictConfig | dict) -> Non
             OmegaConf.update(top, section, OmegaConf.to_container(given), merge=False)
 
 
+SEED_LIMIT = 2**63  # torch takes seeds below 2**64; below 2**63 derived seeds (the sampler's seed + 1) still fit
+
+
+def _seed_error(value: Any) -> str | None:
+    """Why ``value`` is not a seed (None if it is): an integer in [0, 2**63); not a bool, not a float (1.7 must not
+    quietly become 1)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < SEED_LIMIT:
+        return None
+    return f"must be an integer from 0 to 2**63-1, got {value!r}"
+
+
+def _spec_data(raw: Any) -> dict:
+    """A spec as a plain (unresolved) mapping, or a one-line error for anything that is not one."""
+    try:
+        cfg = raw if isinstance(raw, DictConfig) else OmegaConf.create(raw)
+    except (OmegaConfBaseException, ValueError, TypeError) as exc:
+        raise ConfigError("spec", f"not a spec mapping ({one_line(exc)}); give sections such as canvas, "
+                                  "requests") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError("spec", f"a spec is a mapping of sections (canvas, tiler, ...), got {type(raw).__name__}")
+    return OmegaConf.to_container(cfg)  # type: ignore[return-value]
+
+
+def _requests(items: list) -> list[dict]:
+    """Each request typed on its own, so that an error names its index (OmegaConf's own key drops it inside a list),
+    with its text literal (:func:`literal_request`): the request rules, in one place."""
+    out, names = [], set()
+    for i, item in enumerate(items):
+        key = f"requests.{i}"
+        _check(isinstance(item, dict), key, f"a request is a mapping with a prompt (and seed, name, ...), got {item!r}")
+        item = literal_request(item)
+        prompt = item.get("prompt")
+        _check(prompt not in (None, MISSING) and str(prompt).strip() != "", f"{key}.prompt",
+               "empty prompt; give the text to generate, e.g. prompt: 'a photo of a mountain range'")
+        seed = item.get("seed", 0)
+        if not (isinstance(seed, str) and "${" in seed):  # an interpolation is checked once typed (resolved)
+            _check(_seed_error(seed) is None, f"{key}.seed", str(_seed_error(seed)))
+        typed = typed_config(RequestConfig, item, key)
+        _check(_seed_error(typed.seed) is None, f"{key}.seed", str(_seed_error(typed.seed)))
+        if typed.name is not None:
+            _check(typed.name not in names, f"{key}.name",
+                   f"duplicate request name {typed.name!r}; give each request its own (names are output file stems)")
+            _check("/" not in typed.name and typed.name.strip() not in ("", ".", ".."), f"{key}.name",
+                   f"{typed.name!r} is not a file name; give a stem such as 'beach-1' (no '/')")
+            names.add(typed.name)
+        out.append(OmegaConf.to_container(typed))
+    return out
+
+
+_DEVICE_IDS = r"\s*\d+\s*(,\s*\d+\s*)*,?\s*"  # Lightning's device string: "2" (a count), "0,1" or "1," (ids)
+
+
+def _check_runtime(r: DictConfig) -> None:
+    """``runtime.*`` checked against what Lightning accepts on this machine, before any model loads (Lightning would
+    fail later, with a traceback). Lightning is imported only for values other than the CPU defaults."""
+    import torch
+
+    accelerator, devices = str(r.accelerator), r.devices
+    devices = OmegaConf.to_container(devices) if isinstance(devices, ListConfig) else devices
+    shape_ok = (
+        (isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1))
+        or (isinstance(devices, str) and (devices.strip() in ("auto", "-1") or re.fullmatch(_DEVICE_IDS, devices)))
+        or (isinstance(devices, list) and len(devices) > 0
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices))
+    )
+    _check(shape_ok, "runtime.devices", f"{devices!r} is not a device count: give an int (e.g. 1), a list of device "
+                                        "ids ([0, 1]), 'auto', or ids as a string ('0,1')")
+    gpu = torch.cuda.is_available() or torch.backends.mps.is_available()
+    if (accelerator == "cpu" or (accelerator == "auto" and not gpu)) and r.precision is None and r.strategy == "auto":
+        count = devices.strip() if isinstance(devices, str) else devices  # Lightning's CPU rule: a count >= 1
+        _check(count == "auto" or int(count if str(count).isdigit() else 0) >= 1, "runtime.devices",
+               f"{devices!r} on the CPU: give a number of processes (an int >= 1)")
+        return
+    from typing import get_args
+
+    from lightning.fabric import connector
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    names = sorted({"auto", "gpu", *AcceleratorRegistry.available_accelerators()})
+    _check(accelerator in names, "runtime.accelerator", f"{accelerator!r} is not one of {', '.join(names)}")
+    if accelerator == "auto":
+        accelerator = next((a for a in ("cuda", "mps") if AcceleratorRegistry[a]["accelerator"].is_available()), "cpu")
+    if accelerator == "gpu":
+        found = [a for a in ("cuda", "mps") if AcceleratorRegistry[a]["accelerator"].is_available()]
+        _check(bool(found), "runtime.accelerator", "gpu: this machine has no GPU (CUDA or MPS); use "
+                                                   "runtime.accelerator=cpu or auto")
+        accelerator = found[0]
+    cls = AcceleratorRegistry[accelerator]["accelerator"]
+    _check(cls.is_available(), "runtime.accelerator", f"{accelerator}: not available on this machine; use "
+                                                      "runtime.accelerator=auto or cpu")
+    if devices != "auto":
+        try:
+            cls.parse_devices(devices)
+        except Exception as exc:  # Lightning's MisconfigurationException / TypeError / ValueError
+            reason = " ".join(str(exc).split()) or type(exc).__name__  # Lightning's reason spans two lines
+            raise ConfigError("runtime.devices", f"{devices!r} with accelerator {accelerator}: {reason}") from None
+    if r.precision is not None:
+        allowed = [*get_args(connector._PRECISION_INPUT_STR), *get_args(connector._PRECISION_INPUT_STR_ALIAS)]
+        _check(str(r.precision) in allowed, "runtime.precision",
+               f"{r.precision!r} is not a Lightning precision; use one of {', '.join(allowed)}, or null (the "
+               f"denoiser's dtype decides)")
+    strategies = ["auto", *StrategyRegistry.available_strategies()]
+    if str(r.strategy) not in strategies:
+        import difflib
+
+        close = difflib.get_close_matches(str(r.strategy), strategies, n=1)
+        raise ConfigError("runtime.strategy", f"{r.strategy!r} is not a Lightning strategy; "
+                          f"{f'did you mean {close[0]!r}? ' if close else ''}use auto, ddp, fsdp, deepspeed or another "
+                          "name in Lightning's StrategyRegistry")
+
+
+MEGAPIXEL = 1_000_000
+
+
+def _check_canvas_size(height: int, width: int, limit: float) -> None:
+    """Refuse canvases so large they are almost surely a typo (512x1000000 sits at step 0 for minutes, then runs for
+    half a day): ``runtime.max_megapixels`` says how large, and raising it is the way through.
+
+    Why pixels rather than views: the canvas size is what a user types (and mistypes); every tiler's cost grows with
+    it, and the costs the tiler does not change grow with it alone: the decoded image (12 B/px in float32, 1.2 GB at
+    100 MP), an untiled VAE decode (the SD decoder's full-size 128-channel activations, ~0.8 KB/px in float16 for
+    the few alive at once: ~80 GB at 100 MP, use runtime.tiled_decode) and the PNG. The number of views (time: each
+    view-step with sync costs ~0.1 s on a current GPU) follows from the size and the stride the user chose. 100 MP
+    admits 8192x8192, 4096x16384 (360°) and 512x131072 strips (67 MP: ~1000-3700 SD views at stride 128, hours per
+    image) and refuses 512x1000000 (512 MP: ~7800 views, ~half a day per image at 50 steps)."""
+    mp = height * width / MEGAPIXEL
+    _check(mp <= limit, "canvas", f"canvas {height}x{width} = {mp:g} MP is above runtime.max_megapixels={limit:g}; "
+                                  f"raise it if you mean it (runtime.max_megapixels={math.ceil(mp)})")
+
+
 def validate(raw: DictConfig | dict) -> ResolvedSpec:
     """Validate a composed spec; returns the resolved spec or raises a one-line :class:`ConfigError`."""
-    top = typed_config(Spec, raw, "")
-    _drop_default_plugin_options(top, raw)
+    data = _spec_data(raw)
+    if data.get("requests") is not None:
+        _check(isinstance(data["requests"], list), "requests",
+               f"a list of requests ([{{prompt: ..., seed: 0}}]), got {data['requests']!r}")
+        data["requests"] = _requests(data["requests"])
+    top = typed_config(Spec, data, "")
+    _drop_default_plugin_options(top, data)
     plugin_configs: dict[str, Any] = {}
     plugin_classes: dict[str, type] = {}
     for section, kind in PLUGIN_SECTIONS.items():
@@ -341,13 +539,20 @@ def validate(raw: DictConfig | dict) -> ResolvedSpec:
         value = c[key]
         _check(value > 0, f"canvas.{key}", f"must be positive, got {value}")
         _check(value % factor == 0, f"canvas.{key}", f"{value} is not divisible by {factor}; use a multiple of {factor}")
+    r = top.runtime
+    _check(r.max_megapixels > 0, "runtime.max_megapixels", f"must be > 0, got {r.max_megapixels}")
+    _check_canvas_size(c.height, c.width, r.max_megapixels)
 
     s = top.sampler
     _check(s.steps >= 1, "sampler.steps", f"must be >= 1, got {s.steps}")
     _check(s.view_batch_size >= 1, "sampler.view_batch_size", f"must be >= 1, got {s.view_batch_size}")
-    from .schedulers import check_scheduler_name
+    _check(s.guidance_scale >= 0, "sampler.guidance_scale",
+           f"must be >= 0, got {s.guidance_scale}: values <= 1 turn guidance off (the prompt's prediction alone); "
+           "7.5 is the usual strength")
+    from .schedulers import check_scheduler_name, check_scheduler_options
 
     check_scheduler_name(s.scheduler)
+    check_scheduler_options(s.scheduler, OmegaConf.to_container(s.scheduler_options))
 
     y = top.sync
     _check(y.weight >= 0, "sync.weight", f"must be >= 0, got {y.weight}")
@@ -363,17 +568,9 @@ def validate(raw: DictConfig | dict) -> ResolvedSpec:
         f"{anchor!r} is not one of {', '.join(ANCHORS)} or a view index",
     )
 
-    r = top.runtime
     _check(r.shard in ("windows", "requests"), "runtime.shard", f"{r.shard!r} is not 'windows' or 'requests'")
     _check(r.num_nodes >= 1, "runtime.num_nodes", f"must be >= 1, got {r.num_nodes}")
-
-    names: set[str] = set()
-    for i, req in enumerate(top.requests):
-        _check(isinstance(req.prompt, str) and req.prompt != "", f"requests.{i}.prompt", "missing or empty prompt")
-        if req.name is not None:
-            _check(req.name not in names, f"requests.{i}.name", f"duplicate request name {req.name!r}")
-            _check("/" not in req.name and req.name not in ("", ".", ".."), f"requests.{i}.name", "not a file name")
-            names.add(req.name)
+    _check_runtime(r)
 
     resolved = ResolvedSpec(top, plugin_configs, plugin_classes)
     tiler = resolved.build("tiler")

@@ -47,6 +47,31 @@ def check_scheduler_name(name: str) -> None:
     )
 
 
+def scheduler_class(name: str):
+    """The diffusers class of a scheduler name (a short alias or a class name)."""
+    check_scheduler_name(name)
+    return _diffusers_class(ALIASES.get(name, (name, {}))[0])
+
+
+def check_scheduler_options(name: str, options: dict[str, Any]) -> None:
+    """``sampler.scheduler_options`` keys must be parameters of the scheduler class: diffusers' ``from_config``
+    silently ignores any other key, so a misspelt option would change nothing without a word."""
+    if not options:
+        return
+    import difflib
+    import inspect
+
+    cls = scheduler_class(name)
+    params = [p for p, v in inspect.signature(cls.__init__).parameters.items()
+              if p != "self" and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)]
+    for key in options:
+        if key not in params:
+            close = difflib.get_close_matches(str(key), params, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"sampler.scheduler_options.{key}", f"{cls.__name__} has no option {key!r}; {hint}"
+                                                                  f"valid options: {', '.join(params)}")
+
+
 def make_scheduler(name: str, base_config: dict, **options: Any):
     """A fresh scheduler of the named kind, configured from a model's scheduler config plus ``options``."""
     check_scheduler_name(name)
