@@ -1,4 +1,5 @@
-"""``syncengine`` command line: generate, config, plugins. Bad input: one line on stderr, exit status 2."""
+"""``syncengine`` command line: generate, config, plugins. Bad input: one line on stderr, exit status 2. A run
+stopped by SIGINT/SIGTERM keeps its finished images, lists them and exits 130/143 (128 + the signal number)."""
 from __future__ import annotations
 
 import argparse
@@ -78,17 +79,30 @@ def main(argv: list[str] | None = None) -> int:
     except SyncEngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: images already written are kept", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # RunInterrupted (lightning_module) carries the summary and the signal
+        stopped = getattr(exc, "summary", None)
+        if stopped is None:
+            print("interrupted: images already written are kept", file=sys.stderr)
+            return 130
+        if not stopped.primary:  # a rank of a multi-process run that wrote nothing of its own
+            return exc.exit_code
+        _report(stopped)
+        kept = ", ".join(str(p) for p in stopped.written) or "none"
+        print(f"interrupted by {exc.signal_name}: stopped; any image in progress was dropped; "
+              f"{len(stopped.written)} finished kept: {kept}", file=sys.stderr)
+        return exc.exit_code
     if not summary.primary:  # rank 0 of a multi-process run reports every rank's outputs and failures
         return 0
-    for path in summary.written:
-        print(f"wrote {path} (+ {path.with_suffix('.json').name})")
-    for name, error in summary.failed:
-        print(f"failed {name}: {error}", file=sys.stderr)
+    _report(summary)
     print(f"{len(summary.written)} written, {len(summary.failed)} failed", file=sys.stderr)
     return 2 if summary.failed else 0
+
+
+def _report(summary) -> None:
+    for path in summary.written:
+        print(f"wrote {path} (+ {path.with_suffix('.json').name})", flush=True)
+    for name, error in summary.failed:
+        print(f"failed {name}: {error}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

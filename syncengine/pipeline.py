@@ -15,6 +15,7 @@ import torch
 from .collective import Collective
 from .config import ResolvedSpec, request_spec
 from .denoiser import Denoiser
+from .errors import SyncEngineError
 from .sampler import JointSampler, Request, SamplerOptions
 from .sync import SyncSchedule
 
@@ -80,6 +81,13 @@ def decode_canvas(denoiser: Denoiser, latents: torch.Tensor, periodic: bool, til
     return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
+def note(progress: Any, text: str) -> None:
+    """Tell the progress callback what a long phase without steps is doing (``progress.note(text)``, if it has one)."""
+    callback = getattr(progress, "note", None)
+    if callback is not None:
+        callback(text)
+
+
 class Pipeline:
     """Builds the plugins of a spec once and runs its requests."""
 
@@ -113,6 +121,8 @@ class Pipeline:
         return requests_of(self.resolved)
 
     def run(self, index: int, progress: Callable[[int, int], None] | None = None) -> Generated:
+        """``progress(done, total)`` after each step; it may also have ``views(done, total)`` (after each view batch)
+        and ``note(text)`` (the final decode), see ``lightning_module``."""
         request = self.requests()[index]
         spec = request_spec(self.resolved, index)
         timings: dict[str, float] = {}
@@ -149,7 +159,11 @@ class Pipeline:
         result = sampler.sample(request, canvas, progress, noise=noise)
         timings["sample"] = time.perf_counter() - t1
         t2 = time.perf_counter()
+        note(progress, f"decoding {canvas.height}x{canvas.width} canvas")
         image = decode_canvas(denoiser, result.latents, tiler.periodic_width, bool(cfg.runtime.tiled_decode))
+        if not bool(torch.isfinite(image).all()):  # clamp() keeps NaN: it would be written as black
+            raise SyncEngineError("the decoded image is non-finite (the decoder overflowed); use float32 "
+                                  "(denoiser.dtype=float32)")
         timings["decode"] = time.perf_counter() - t2
         images, metadata = tiler.finish_output(image[0].cpu(), canvas)  # e.g. 360°: cube faces, viewer metadata
         extra = {**denoiser.request_images(), **images}

@@ -24,7 +24,7 @@ import torch
 
 from .collective import Collective
 from .denoiser import Conditioning, Denoiser, Step
-from .errors import ConfigError
+from .errors import ConfigError, SyncEngineError
 from .merger import MergeBuffer, Merger
 from .parameterization import alpha_bar, predicted_x0
 from .schedulers import ALIASES
@@ -183,6 +183,8 @@ class JointSampler:
             return SampleResult(latents, stats)
         latents = (noise.float() * scheduler.init_noise_sigma).to(device)
         timesteps = scheduler.timesteps
+        on_views = _views_callback(progress)
+        batches = -(-len(owned) // opts.view_batch_size)
         for i, t in enumerate(timesteps):
             step = Step(i, len(timesteps), t)
             weight = self.schedule.weight_at(i) if self.sync_loss is not None else 0.0
@@ -197,7 +199,7 @@ class JointSampler:
             eps_buf = MergeBuffer(latents.shape, device=device, weight=weights)
             x_buf = MergeBuffer(latents.shape, device=device, weight=weights) if weight > 0 else None
             t0 = time.perf_counter()
-            for batch in _batches(owned, opts.view_batch_size):
+            for b, batch in enumerate(_batches(owned, opts.view_batch_size)):
                 read_x = [v.extract(model_canvas) for v in batch]
                 prepared = [v.prepare_input(r, inputs) for v, r in zip(batch, read_x)]
                 x, out = self._update_and_predict(torch.cat(prepared), batch, step, conds, targets, weight, a, stats)
@@ -207,6 +209,8 @@ class JointSampler:
                     if x_buf is not None:  # the window moved by the sync update (not what prepare_input composed)
                         moved = x[k : k + 1] if prepared[k] is read_x[k] else read_x[k] + (x[k : k + 1] - prepared[k])
                         x_buf.add(view, moved / scale, w)
+                if on_views is not None:
+                    on_views(b + 1, batches)
             stats["seconds_denoise"] += time.perf_counter() - t0
             buffers = [eps_buf.sum] + ([x_buf.sum] if x_buf is not None else [])
             self.collective.all_reduce_(buffers)
@@ -215,6 +219,7 @@ class JointSampler:
             if weight > 0:
                 stats["sync_steps"] += 1
             latents = scheduler.step(model_out, t, current, **step_kwargs).prev_sample
+            check_finite(latents, i, len(timesteps))
             if progress is not None:
                 progress(i + 1, len(timesteps))
         stats.update(self.collective.stats)
@@ -238,6 +243,8 @@ class JointSampler:
         zeros = torch.zeros(noise.shape, device=device)
         timesteps = scheduler.timesteps
         latents = zeros
+        on_views = _views_callback(progress)
+        batches = -(-len(owned) // opts.view_batch_size)
         for i, t in enumerate(timesteps):
             step = Step(i, len(timesteps), t)
             weight = self.schedule.weight_at(i) if self.sync_loss is not None else 0.0
@@ -250,7 +257,7 @@ class JointSampler:
             xt_buf = MergeBuffer(zeros.shape, device=device, weight=weights) if last else None
             current: dict[int, torch.Tensor] = {}
             t0 = time.perf_counter()
-            for batch in _batches(owned, opts.view_batch_size):
+            for b, batch in enumerate(_batches(owned, opts.view_batch_size)):
                 x = torch.cat([v.prepare_input(states[v.index], inputs) for v in batch])
                 x, out = self._update_and_predict(x, batch, step, conds, targets, weight, a, stats)
                 with torch.no_grad():
@@ -261,15 +268,19 @@ class JointSampler:
                     current[view.index] = x[k : k + 1].detach()
                     if xt_buf is not None:
                         xt_buf.add(view, current[view.index], w)
+                if on_views is not None:
+                    on_views(b + 1, batches)
             stats["seconds_denoise"] += time.perf_counter() - t0
             buffers = [x0_buf.sum] + ([xt_buf.sum] if xt_buf is not None else [])
             self.collective.all_reduce_(buffers)
             if weight > 0:
                 stats["sync_steps"] += 1
             merged_x0 = x0_buf.result(zeros)
+            check_finite(merged_x0, i, len(timesteps))  # merged and all-reduced: the same verdict on every rank
             if last:  # positions no view covered stay 0 (x0 = 0, x_t = 0)
                 xt = xt_buf.result(zeros)
                 latents = scheduler.step(_model_output(merged_x0, xt, a, ptype), t, xt).prev_sample
+                check_finite(latents, i, len(timesteps))
             else:
                 with torch.no_grad():
                     for view in owned:
@@ -347,6 +358,20 @@ class JointSampler:
             stats["unet_views"] += len(chunk)
             stats["decodes"] += len(chunk)
         return x
+
+
+def check_finite(x: torch.Tensor, step: int, steps: int) -> None:
+    """NaN/inf latents decode to a black image: fail the request at the step they appear instead (one reduction
+    per step, negligible next to the step's UNet calls)."""
+    if not bool(torch.isfinite(x).all()):
+        raise SyncEngineError(f"latents became non-finite at step {step + 1}/{steps}; lower sync.weight / "
+                              "guidance_scale or use float32 (denoiser.dtype=float32)")
+
+
+def _views_callback(progress) -> Callable[[int, int], None] | None:
+    """Within-step progress, if the step callback has it: ``progress.views(done, total)`` after each view batch
+    (a step over hundreds of views of a huge canvas runs for minutes)."""
+    return getattr(progress, "views", None)
 
 
 def _model_output(x0: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, prediction_type: str) -> torch.Tensor:
