@@ -7,16 +7,25 @@ pooling (not nearest sampling) keeps a mask edge that falls inside a latent as a
 from __future__ import annotations
 
 import math
+import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from syncengine.config import PRESETS_DIR
-from syncengine.errors import ConfigError
+from syncengine.errors import ConfigError, one_line
+
+# The largest mask/layout image read: PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS, 0.25 GiB as RGB),
+# raised to CANVAS_MULTIPLE x the canvas for canvases so large that a mask at twice their resolution exceeds it.
+MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+CANVAS_MULTIPLE = 4
+# What PIL raises for a damaged file, depending on the format and the damage (a zTXt bomb is a ValueError).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
 
 
 @dataclass
@@ -51,21 +60,60 @@ def hex_color(rgb: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*rgb)
 
 
-def load_image(path: str, key: str):
-    from PIL import Image, UnidentifiedImageError
+def max_image_pixels(canvas_pixels: int = 0) -> int:
+    """The largest image read for a canvas of ``canvas_pixels`` (0: unknown)."""
+    return max(MAX_IMAGE_PIXELS, CANVAS_MULTIPLE * canvas_pixels)
+
+
+def load_image(path: str, key: str, canvas_pixels: int = 0, convert: Callable[[Any], Any] | None = None):
+    """The decoded image (``convert``-ed, e.g. to an array), or a one-line ConfigError naming the file: missing, not
+    an image, damaged, too large, or in a mode ``convert`` cannot handle. The size is checked from the header
+    (``Image.open`` reads only that), so a decompression bomb is never decoded."""
+    from PIL import Image
 
     file = find_file(path, key)
+    limit = max_image_pixels(canvas_pixels)
     try:
-        with Image.open(file) as im:
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ConfigError(key, f"cannot read image {path}: {exc}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
+            with Image.open(file) as im:
+                w, h = im.size
+                if w * h > limit:
+                    raise ConfigError(key, f"image {path} is {w}x{h} px ({w * h / 1e6:.0f} MP), more than the "
+                                      f"{limit / 1e6:.0f} MP read for this canvas; resize it (it is fitted to the "
+                                      "canvas anyway)")
+                im.load()
+                return convert(im) if convert is not None else im.copy()
+    except ConfigError:
+        raise
+    except Image.DecompressionBombError as exc:  # above twice PIL's limit: refused by Image.open itself
+        raise ConfigError(key, f"image {path} is too large ({one_line(exc)}); resize it to about the canvas "
+                          "size") from None
+    except DECODE_ERRORS as exc:  # a conversion PIL lacks (LAB to grey) is a ValueError too
+        raise ConfigError(key, f"cannot read image {path} ({one_line(exc)}); give a PNG, JPEG or WebP "
+                          "image") from None
 
 
-def layout_colors(path: str, key: str) -> dict[tuple[int, int, int], int]:
+def grey_levels(im) -> np.ndarray:
+    """``[h, w]`` float32 in [0, 1]: the alpha channel when there is one, else the luminance; 16-bit and float
+    images keep their full range (``convert("L")`` would clip them at 255 / 1.0)."""
+    if im.mode in ("RGBA", "LA", "PA"):
+        return np.asarray(im.getchannel("A"), dtype=np.float32) / 255.0
+    if im.mode.startswith("I"):  # 16-bit PNG ("I;16") or 32-bit integer: the 16-bit range
+        return np.clip(np.asarray(im, dtype=np.float32) / 65535.0, 0, 1)
+    if im.mode == "F":
+        return np.clip(np.asarray(im, dtype=np.float32), 0, 1)
+    return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+
+
+def layout_rgb(path: str, key: str, canvas_pixels: int = 0) -> np.ndarray:
+    """``[h, w, 3]`` uint8 pixels of a layout image."""
+    return load_image(path, key, canvas_pixels, lambda im: np.asarray(im.convert("RGB")))
+
+
+def layout_colors(path: str, key: str, canvas_pixels: int = 0) -> dict[tuple[int, int, int], int]:
     """``{rgb: pixel count}`` of a layout image."""
-    rgb = np.asarray(load_image(path, key).convert("RGB")).reshape(-1, 3)
+    rgb = layout_rgb(path, key, canvas_pixels).reshape(-1, 3)
     colors, counts = np.unique(rgb, axis=0, return_counts=True)
     return {tuple(int(v) for v in c): int(n) for c, n in zip(colors, counts)}
 
@@ -117,17 +165,16 @@ def load_mask(source: MaskConfig, height: int, width: int, key: str) -> torch.Te
         t = source.threshold
         if t is not None and not 0 < t < 1:
             raise ConfigError(f"{key}.threshold", f"must be in (0, 1) or null (soft mask), got {t}")
-        im = load_image(source.png, f"{key}.png")
-        im = im.getchannel("A") if im.mode in ("RGBA", "LA", "PA") else im.convert("L")
-        mask = resize(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0), height, width)
+        levels = load_image(source.png, f"{key}.png", height * width, grey_levels)
+        mask = resize(torch.from_numpy(levels), height, width)
         return (mask >= t).float() if t is not None else mask
     if source.color is None:
         raise ConfigError(f"{key}.color", "a layout mask needs the colour of its region")
     rgb = parse_color(source.color, f"{key}.color")
-    pixels = np.asarray(load_image(source.layout, f"{key}.layout").convert("RGB"))
+    pixels = layout_rgb(source.layout, f"{key}.layout", height * width)
     hit = np.all(pixels == np.array(rgb, dtype=pixels.dtype), axis=-1)
     if not hit.any():
-        present = ", ".join(hex_color(c) for c in sorted(layout_colors(source.layout, key))[:8])
+        present = ", ".join(hex_color(c) for c in sorted(layout_colors(source.layout, key, height * width))[:8])
         raise ConfigError(f"{key}.color", f"colour {hex_color(rgb)} is not in {source.layout} (it has {present})")
     return (resize(torch.from_numpy(hit.astype(np.float32)), height, width) >= 0.5).float()
 

@@ -67,7 +67,7 @@ class RegionsTiler(SlidingTiler):
 
     # --------------------------------------------------------------------------------------------------- regions
 
-    def _specs(self) -> list[tuple[str, RegionConfig]]:
+    def _specs(self, canvas: CanvasSpec) -> list[tuple[str, RegionConfig]]:
         """The regions as given, then one per colour of the ``layout`` + ``prompts`` shorthand."""
         c = self.config
         out = [(f"tiler.regions.{k}", r) for k, r in enumerate(c.regions)]
@@ -77,7 +77,7 @@ class RegionsTiler(SlidingTiler):
             return out
         if not c.prompts:
             raise ConfigError("tiler.prompts", f"map the colours of {c.layout} to prompts ('#ff0000': 'a red car')")
-        present = layout_colors(c.layout, "tiler.layout")
+        present = layout_colors(c.layout, "tiler.layout", canvas.height * canvas.width)
         background = parse_color(c.layout_background, "tiler.layout_background") if c.layout_background else None
         named: dict[tuple[int, int, int], str] = {}
         for color, prompt in c.prompts.items():
@@ -107,7 +107,7 @@ class RegionsTiler(SlidingTiler):
             raise ConfigError("tiler.bootstrap", f"a fraction of the steps in [0, 1], got {c.bootstrap}")
         if c.feather < 0:
             raise ConfigError("tiler.feather", f"must be >= 0 px, got {c.feather}")
-        specs = self._specs()
+        specs = self._specs(canvas)
         if not specs:
             raise ConfigError("tiler.regions", "no regions: give tiler.regions or a tiler.layout with tiler.prompts")
         out = []

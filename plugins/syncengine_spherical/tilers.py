@@ -25,6 +25,15 @@ def _check_sampling(sampling: str) -> None:
         raise ConfigError("tiler.sampling", f"{sampling!r} is not one of {', '.join(SAMPLING)}")
 
 
+def _check_window(window: int, factor: int) -> None:
+    """A view is ``window / factor`` latents square: a positive whole number of them."""
+    if window <= 0:
+        raise ConfigError("tiler.window", f"must be positive, got {window}")
+    if window % factor:
+        raise ConfigError("tiler.window", f"{window} px is not a multiple of the latent factor {factor}; use "
+                                          f"{max(factor, window // factor * factor)}")
+
+
 def _view(index: int, size: int, fov: float, yaw: float, pitch: float, sampling: str) -> ProjectedView:
     grid = geometry.equirect_to_perspective_grid(size, size, fov, yaw, pitch)
     return ProjectedView(index, grid=grid, sampling=sampling,
@@ -42,6 +51,7 @@ class SphericalTiler(Tiler):
 
     def validate(self, canvas: CanvasSpec) -> None:
         _check_equirect(canvas)
+        _check_window(self.config.window, canvas.latent_factor)
         _check_sampling(self.config.sampling)
         check_export(self.config)
 
@@ -67,8 +77,16 @@ class PerspectiveTiler(SphericalTiler):
 
     def validate(self, canvas: CanvasSpec) -> None:
         super().validate(canvas)
-        if not 0 < self.config.fov < 180:
-            raise ConfigError("tiler.fov", f"must be in (0, 180) degrees, got {self.config.fov}")
+        c = self.config
+        if not 0 < c.fov < 180:
+            raise ConfigError("tiler.fov", f"must be in (0, 180) degrees, got {c.fov}")
+        if c.views_per_ring < 1:  # 0 would silently drop every ring, the horizon included
+            raise ConfigError("tiler.views_per_ring", f"must be >= 1, got {c.views_per_ring}")
+        for k, pitch in enumerate(c.pitches):
+            if not -90 <= pitch <= 90:
+                raise ConfigError(f"tiler.pitches.{k}", f"must be in [-90, 90] degrees, got {pitch}")
+        if not c.pitches and not c.poles:
+            raise ConfigError("tiler.pitches", "no views: give at least one ring pitch (e.g. [0.0]) or poles: true")
 
     def views(self, canvas: CanvasSpec) -> list[ProjectedView]:
         c, size = self.config, self.config.window // canvas.latent_factor

@@ -61,9 +61,10 @@ def _options(args):
 
 
 def evaluate_command(args) -> int:
-    from .runner import evaluate, table, write_reports
+    from .runner import check_out_dir, evaluate, table, write_reports
 
     options = _options(args)
+    check_out_dir(args.out)  # before the metrics, not after them
     results = evaluate(args.folders, options)
     print(table(results))
     for path in write_reports(results, args.out, options, plot=not args.no_plot):

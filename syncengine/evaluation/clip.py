@@ -1,6 +1,7 @@
 """CLIP score of images against their prompts (Mean-CLIP-S of the paper): ``100 * max(cos(image, text), 0)``, the
 definition torchmetrics' ``CLIPScore`` uses, computed with a transformers ``CLIPModel`` loaded from a local folder or
-a cached hub id (default ``openai/clip-vit-base-patch16``)."""
+a hub id already in the local Hugging Face cache (default ``openai/clip-vit-base-patch16``): evaluation never
+downloads."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,12 +25,27 @@ def _not_found(ref: str, cause: BaseException | None = None) -> ModelNotFoundErr
     )
 
 
+def cached_snapshot(ref: str) -> str:
+    """The local Hugging Face cache folder of hub id ``ref`` (found on disk alone). transformers is given that
+    folder, not the id: even with ``local_files_only`` it builds request headers, and huggingface_hub 2.x then
+    fetches a registry from the hub once per process (a network attempt evaluation must not make)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(ref, "config.json")
+    except ValueError as exc:  # not a valid hub id (HFValidationError)
+        raise _not_found(ref, exc) from None
+    if not isinstance(found, str):
+        raise _not_found(ref, OSError("not in the local Hugging Face cache; evaluate reads only local files"))
+    return str(Path(found).parent)
+
+
 class ClipScorer:
     """A CLIP model, its tokenizer and its image preprocessing (shorter side resize, centre crop, normalise)."""
 
-    def __init__(self, ref: str = DEFAULT_CLIP, device: str | torch.device = "cpu", local_files_only: bool = False):
-        """``local_files_only``: look in the local Hugging Face cache only (no download attempt, which offline
-        retries for about a minute before failing)."""
+    def __init__(self, ref: str = DEFAULT_CLIP, device: str | torch.device = "cpu", local_files_only: bool = True):
+        """``local_files_only`` (default): look in the local Hugging Face cache only, as the rest of evaluation does
+        (no download attempt, which offline retries for about a minute before failing)."""
         from transformers import CLIPModel, CLIPTokenizer
 
         self.ref = ref
@@ -37,14 +53,12 @@ class ClipScorer:
         is_path = path.exists() or ref.startswith(("/", "./", "../", "~"))
         if is_path and not (path / "config.json").is_file():
             raise _not_found(ref, FileNotFoundError(f"no config.json in {path}"))
-        source = str(path) if is_path else ref
-        local = {"local_files_only": True} if local_files_only and not is_path else {}
+        source = str(path) if is_path else cached_snapshot(ref) if local_files_only else ref
+        local = {"local_files_only": True} if local_files_only else {}
         try:
             self.model = CLIPModel.from_pretrained(source, **local).eval().requires_grad_(False)
             self.tokenizer = CLIPTokenizer.from_pretrained(source, **local)
         except (OSError, ValueError) as exc:
-            if local:
-                exc = OSError("not in the local Hugging Face cache; name clip in --metrics to allow a download")
             raise _not_found(ref, exc) from exc
         if len(self.tokenizer) < 10:  # transformers 5 returns a 2-token tokenizer for an uncached hub id
             raise _not_found(ref, ValueError("its tokenizer files are missing"))

@@ -74,14 +74,19 @@ class TorchvisionInception(nn.Module):
 
         weights = tvm.Inception_V3_Weights.IMAGENET1K_V1
         path = checkpoints_dir() / Path(weights.url).name
+        if not path.is_file():  # torchvision would download it: evaluation reads only local files
+            raise ModelNotFoundError(
+                f"torchvision Inception-v3 weights are not in the torch cache ({path}); fetch {weights.url} into that "
+                "folder where the internet is reachable (or set TORCH_HOME), or use --inception fid"
+            )
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = tvm.inception_v3(weights=weights)
-        except (OSError, RuntimeError) as exc:  # URLError is an OSError
+        except (OSError, RuntimeError) as exc:  # a damaged file
             raise ModelNotFoundError(
-                f"torchvision Inception-v3 weights are not at {path} and could not be downloaded "
-                f"({one_line(exc, 120)}); fetch {weights.url} into that folder (or set TORCH_HOME)"
+                f"torchvision Inception-v3 weights at {path} could not be loaded ({one_line(exc, 120)}); fetch "
+                f"{weights.url} into that folder again (or set TORCH_HOME)"
             ) from exc
         model.fc = nn.Identity()
         self.net = model.eval().requires_grad_(False)

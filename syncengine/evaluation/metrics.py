@@ -30,7 +30,27 @@ def load_distance(section: dict[str, Any]):
     name = section.pop("name")
     cls = get("sync_loss", name)
     options = OmegaConf.to_object(_typed(cls.Config, section, f"metric {name}"))
+    require_cached_backbone(cls, options)
     return cls(options).eval()
+
+
+def require_cached_backbone(cls: type, options: Any) -> None:
+    """The built-in losses (``lpips``, ``style``) load torchvision ImageNet backbones, which torchvision downloads
+    when they are missing; evaluation reads only local files, so a missing file is an error before any attempt."""
+    if cls.__module__.split(".")[0] != "syncengine_losses" or getattr(options, "backbone", None) != "pretrained":
+        return
+    from syncengine_losses.backbones import _weights_enum, checkpoint_path
+
+    try:
+        path = checkpoint_path(options.net)
+    except KeyError:  # an unknown net: the plugin itself says which ones there are
+        return
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"ImageNet weights of the {options.net} backbone are not in the torch cache ({path}); evaluate reads "
+            f"only local files: fetch {_weights_enum(options.net).url} into that folder where the internet is "
+            "reachable (or set TORCH_HOME), or use --backbone random for a smoke run"
+        )
 
 
 @torch.no_grad()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +20,9 @@ import torch
 
 from ..errors import SyncEngineError
 from .crops import grid_crops, random_crops
-from .runs import Sample, flatten, image_files, load_image, read_run, window_of
+from .runs import Sample, flatten, image_files, load_images, read_run, window_of
+
+log = logging.getLogger(__name__)
 
 METRICS: dict[str, str] = {  # key -> the paper's name
     "intra_lpips": "Intra-LPIPS",
@@ -60,6 +64,7 @@ class RunResult:
     params: dict[str, Any] = field(default_factory=dict)  # spec keys that differ between the compared runs
     per_image: dict[str, list[float]] = field(default_factory=dict)
     label: str = ""
+    skipped: dict[str, str] = field(default_factory=dict)  # image file -> why it was left out (it does not decode)
 
 
 class _Models:
@@ -94,9 +99,7 @@ class _Models:
     def clip(self):
         from .clip import ClipScorer
 
-        # Metrics not named by the user only look in the local cache: no minute of offline download retries.
-        local = self.options.metrics is None
-        return self.get("clip", lambda: ClipScorer(self.options.clip_model, self.options.device, local))
+        return self.get("clip", lambda: ClipScorer(self.options.clip_model, self.options.device))
 
     def features(self):
         from .features import load_inception
@@ -112,7 +115,7 @@ class _Models:
         def build():
             if not self.options.reference:
                 raise SyncEngineError("FID and KID need --reference FOLDER (real or base-model images of the window size)")
-            images = [load_image(p) for p in image_files(Path(self.options.reference))]
+            images = _readable(image_files(Path(self.options.reference)), self.options.reference)[0]
             return torch.cat([extract(self.features(), img[None]) for img in images])
 
         return self.get("reference", build)
@@ -126,6 +129,17 @@ class _Models:
             return GIQAModel.load(self.options.giqa_model)
 
         return self.get("giqa", build)
+
+
+def _readable(paths: list[Path], folder: str | Path) -> tuple[list[torch.Tensor], list[int], dict[str, str]]:
+    """The images that decode; each one that does not is skipped with one warning line (and listed in the result),
+    so a damaged file does not cost the rest of the evaluation. A folder with none left is an error."""
+    images, kept, skipped = load_images(paths)
+    for reason in skipped.values():
+        log.warning("skipped %s", reason)
+    if not images:
+        raise SyncEngineError(f"no readable images in {str(folder)!r}: all {len(paths)} failed to decode")
+    return images, kept, skipped
 
 
 def _window(options: EvalOptions, samples: list[Sample]) -> tuple[int, int]:
@@ -145,7 +159,8 @@ def evaluate_run(folder: str | Path, options: EvalOptions, models: _Models) -> R
     samples = read_run(folder)
     wanted = options.metrics or list(METRICS)
     wh, ww = _window(options, samples)
-    images = [s.load() for s in samples]
+    images, kept, skipped = _readable([s.path for s in samples], folder)
+    samples = [samples[i] for i in kept]
     values: dict[str, float | None] = {}
     per_image: dict[str, list[float]] = {}
     unavailable: dict[str, str] = {}
@@ -168,9 +183,10 @@ def evaluate_run(folder: str | Path, options: EvalOptions, models: _Models) -> R
         vals = [M.intra_distance(grid_crops(img, ww, wh), distance_fn()) for img in images]
         return sum(vals) / len(vals), vals
 
-    # Random crops: the same positions for the i-th image of every run (seed + index), so runs are compared fairly.
+    # Random crops: the same positions for the i-th image of every run (seed + its index in the folder, skipped
+    # files included), so runs are compared fairly.
     crops = [random_crops(img, ww, options.crops_per_image, torch.Generator().manual_seed(options.seed + i), wh)
-             for i, img in enumerate(images)]
+             for i, img in zip(kept, images)]
 
     if "intra_lpips" in wanted:
         attempt("intra_lpips", lambda: intra(models.lpips))
@@ -215,7 +231,8 @@ def evaluate_run(folder: str | Path, options: EvalOptions, models: _Models) -> R
 
         attempt("giqa", giqa)
     folder = Path(folder)
-    return RunResult(folder.name, str(folder), len(samples), values, unavailable, per_image=per_image)
+    return RunResult(folder.name, str(folder), len(samples), values, unavailable, per_image=per_image,
+                     skipped=skipped)
 
 
 def _label_runs(results: list[RunResult], specs: list[dict[str, Any]]) -> None:
@@ -302,14 +319,38 @@ def write_json(results: list[RunResult], path: Path, options: EvalOptions) -> No
     path.write_text(json.dumps(data, indent=2, default=str))
 
 
-def write_reports(results: list[RunResult], out_dir: str | Path, options: EvalOptions, plot: bool = True) -> list[Path]:
+REPORT_FILES = ("metrics.csv", "metrics.json", "metrics.png")
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """The report folder, checked before any metric is computed (the CLI does so first): a file in its place, a
+    file among its parents or a folder that cannot be written fails now, not after minutes of model forwards."""
     out = Path(out_dir)
+    for path in (out, *out.parents):
+        if not path.exists():
+            continue
+        if not path.is_dir():
+            raise SyncEngineError(f"report folder {str(out)!r}: {str(path)!r} is a file, not a folder; give --out a "
+                                  f"folder (it gets {', '.join(REPORT_FILES)})")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise SyncEngineError(f"report folder {str(out)!r}: cannot write in {str(path)!r}; give --out a "
+                                  f"writable folder")
+        break
+    for name in REPORT_FILES:
+        if (out / name).is_dir():
+            raise SyncEngineError(f"report folder {str(out)!r}: {name} is a folder there; remove it or give --out "
+                                  f"another folder")
+    return out
+
+
+def write_reports(results: list[RunResult], out_dir: str | Path, options: EvalOptions, plot: bool = True) -> list[Path]:
+    out = check_out_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "metrics.csv", out / "metrics.json"]
+    paths = [out / REPORT_FILES[0], out / REPORT_FILES[1]]
     write_csv(results, paths[0])
     write_json(results, paths[1], options)
     if plot:
         from .plot import plot_runs
 
-        paths.append(plot_runs(results, out / "metrics.png"))
+        paths.append(plot_runs(results, out / REPORT_FILES[2]))
     return paths

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import SyncEngineError
+from ..errors import SyncEngineError, one_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# What PIL raises for a damaged file, depending on the format and the damage (a zTXt bomb is a ValueError).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
 
 
 @dataclass
@@ -24,13 +27,31 @@ class Sample:
 
 
 def load_image(path: Path) -> torch.Tensor:
-    """``[3, H, W]`` float in ``[0, 1]``."""
+    """``[3, H, W]`` float in ``[0, 1]``; a file that does not decode (damaged, not an image, or over PIL's
+    decompression-bomb limit) is a one-line :class:`SyncEngineError` naming it."""
     import numpy as np
     from PIL import Image
 
-    with Image.open(path) as img:
-        array = np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    except (*DECODE_ERRORS, Image.DecompressionBombError) as exc:
+        raise SyncEngineError(f"{path} is not a readable image ({one_line(exc)})") from None
     return torch.from_numpy(array).permute(2, 0, 1).float() / 255
+
+
+def load_images(paths: list[Path]) -> tuple[list[torch.Tensor], list[int], dict[str, str]]:
+    """The readable images of ``paths``, their indices in ``paths``, and ``{path: reason}`` for each file skipped
+    because it does not decode (a half-written PNG should not cost the rest of a run's evaluation)."""
+    images, kept, skipped = [], [], {}
+    for i, path in enumerate(paths):
+        try:
+            images.append(load_image(path))
+        except SyncEngineError as exc:
+            skipped[str(path)] = str(exc)
+            continue
+        kept.append(i)
+    return images, kept, skipped
 
 
 def image_files(folder: Path) -> list[Path]:
