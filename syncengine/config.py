@@ -23,7 +23,17 @@ from .errors import ConfigError, SyncEngineError, one_line
 from .denoiser import Denoiser
 from .views import CanvasSpec
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _presets_dir() -> Path:
+    """The presets shipped inside the package (``syncengine/presets``; ``configs/`` in a checkout links there), found
+    through :mod:`importlib.resources` so that a wheel install has them too. pip always unpacks wheels, so this is a
+    directory on disk."""
+    from importlib.resources import files
+
+    return Path(str(files("syncengine").joinpath("presets")))
+
+
+PRESETS_DIR = _presets_dir()
 
 
 @dataclass
