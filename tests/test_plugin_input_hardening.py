@@ -111,6 +111,53 @@ def test_oversized_condition_image_is_refused_from_its_header(tmp_path, size, ne
     assert "\n" not in message and str(big) in message and needle in message and "resize it" in message
 
 
+def test_one_opener_and_one_limit_rule_for_masks_conditions_and_evaluate(tmp_path, monkeypatch):
+    """Masks, layouts, condition images and evaluate all open images through syncengine.images: the limit rule set
+    there applies to every plugin reader, and a damaged file reads the same everywhere."""
+    from syncengine import images
+    from syncengine.evaluation import runs
+    from syncengine_controlnet import conditions
+    from syncengine_regions import masks
+
+    small = tmp_path / "small.png"
+    Image.new("RGB", (16, 16)).save(small)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ConfigError, match="16x16 px .* more than the 0 MP read for this canvas"):
+        masks.load_image(str(small), "k")
+    with pytest.raises(SyncEngineError, match="^c: image .*16x16 px"):
+        conditions.load_image(small, "c")
+    assert runs.load_image(small).shape == (3, 16, 16)  # evaluate keeps PIL's own limit (any canvas it made)
+    monkeypatch.undo()
+    bad = damaged(tmp_path / "bad.png", "truncated")
+    messages = []
+    for read in (lambda: masks.load_image(str(bad), "k"), lambda: conditions.load_image(bad, "c"),
+                 lambda: runs.load_image(bad)):
+        with pytest.raises(SyncEngineError) as info:
+            read()
+        messages.append(str(info.value).split(f"cannot read image {bad} (")[1])
+    assert len(set(messages)) == 1 and "not a readable image" in messages[0]
+    for module in (masks, conditions, runs):  # no copy of the rule or the error list is left behind
+        assert not hasattr(module, "DECODE_ERRORS") and not hasattr(module, "MAX_IMAGE_PIXELS")
+
+
+@pytest.mark.parametrize("canvas, needle", [((64, 160), "more than the 89 MP"), ((5000, 8000), "cannot read image")])
+def test_condition_image_limit_grows_with_the_canvas(tmp_path, canvas, needle):
+    """prepare_request gives the loader the canvas size: a 144 MP condition is refused from its header for a small
+    canvas, but for a 40 MP canvas it is within 4x the canvas (only its missing pixel data then fails), as masks."""
+    from types import SimpleNamespace
+
+    from syncengine_controlnet.denoiser import ControlNetDenoiser, ControlNetUnit
+
+    big = header_only_png(tmp_path / "big.png", 12000, 12000)
+    den = SimpleNamespace(config=SimpleNamespace(controlnets=[ControlNetUnit(model="m", image=str(big))]),
+                          preprocessors=[None])
+    height, width = canvas
+    with pytest.raises(SyncEngineError, match="condition image of denoiser.controlnets.0") as info:
+        ControlNetDenoiser.prepare_request(den, SimpleNamespace(inputs={}), SimpleNamespace(height=height,
+                                                                                           width=width))
+    assert needle in str(info.value) and str(big) in str(info.value)
+
+
 # ---------------------------------------------------------------------------------- 2. damaged or non-image
 
 
@@ -308,3 +355,22 @@ def test_a_cached_clip_hub_id_loads_from_the_cache_folder_without_the_network(tm
     scorer = ClipScorer("someone/tiny-clip")
     assert scorer.score(torch.rand(1, 3, 32, 32), ["a photo"]).shape == (1,)
     assert no_network == []
+
+
+@pytest.mark.parametrize("net", ["alex", "vgg", "squeeze"])
+def test_evaluate_names_the_backbone_weights_url_through_the_public_helper(tmp_path, monkeypatch, net):
+    """evaluate's missing-weights error gives the URL from the losses' public weights_url (torchvision's own)."""
+    from types import SimpleNamespace
+
+    import torchvision.models as tvm
+
+    from syncengine.errors import ModelNotFoundError
+    from syncengine.evaluation.metrics import require_cached_backbone
+    from syncengine.registry import get
+    from syncengine_losses.backbones import checkpoint_path, weights_url
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    url = {"alex": tvm.AlexNet_Weights, "vgg": tvm.VGG16_Weights, "squeeze": tvm.SqueezeNet1_1_Weights}[net]
+    assert weights_url(net) == url.IMAGENET1K_V1.url and checkpoint_path(net).name == Path(weights_url(net)).name
+    with pytest.raises(ModelNotFoundError, match=f"fetch {weights_url(net)} into that folder"):
+        require_cached_backbone(get("sync_loss", "lpips"), SimpleNamespace(backbone="pretrained", net=net))

@@ -7,57 +7,26 @@ under its latent region, never the whole image squeezed into every tile.
 """
 from __future__ import annotations
 
-import struct
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from syncengine.errors import ConfigError, SyncEngineError, one_line
+from syncengine.errors import ConfigError, SyncEngineError
+from syncengine.images import open_image
 from syncengine.views import CropView, View
 
 RESIZE_POLICIES = ("error", "stretch", "crop", "pad")
-# The largest condition image read: PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS, 0.25 GiB as RGB,
-# ample for any photo), raised to CANVAS_MULTIPLE x the canvas for canvases so large that twice their resolution
-# exceeds it.
-MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
-CANVAS_MULTIPLE = 4
-# What PIL raises for a damaged file, depending on the format and the damage (a zTXt bomb is a ValueError).
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
-
-
-def max_image_pixels(canvas_pixels: int = 0) -> int:
-    """The largest condition image read for a canvas of ``canvas_pixels`` (0: unknown)."""
-    return max(MAX_IMAGE_PIXELS, CANVAS_MULTIPLE * canvas_pixels)
 
 
 def load_image(path: str | Path, what: str, canvas_pixels: int = 0):
-    """An RGB ``PIL.Image`` from a file, or a one-line error naming ``what`` asked for it and the file: missing, not
-    an image, damaged, or too large. The size is checked from the header (``Image.open`` reads only that), so a
-    decompression bomb is never decoded."""
-    from PIL import Image
-
+    """An RGB ``PIL.Image`` from a file, or a one-line error naming ``what`` asked for it and the file (see
+    :func:`syncengine.images.open_image`: missing, not an image, damaged, or too large for the canvas)."""
     p = Path(str(path)).expanduser()
     if not p.is_file():
         raise SyncEngineError(f"{what}: image file {str(path)!r} not found (paths are relative to the working directory)")
-    limit = max_image_pixels(canvas_pixels)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
-            with Image.open(p) as image:
-                w, h = image.size
-                if w * h > limit:
-                    raise SyncEngineError(f"{what}: {str(path)!r} is {w}x{h} px ({w * h / 1e6:.0f} MP), more than "
-                                          f"the {limit / 1e6:.0f} MP read for this canvas; resize it (it is fitted to "
-                                          f"the canvas anyway)")
-                return image.convert("RGB")
-    except Image.DecompressionBombError as exc:  # above twice PIL's limit: refused by Image.open itself
-        raise SyncEngineError(f"{what}: {str(path)!r} is too large ({one_line(exc)}); resize it to about the "
-                              f"canvas size") from None
-    except DECODE_ERRORS as exc:
-        raise SyncEngineError(f"{what}: {str(path)!r} is not a readable image ({one_line(exc)}); give a PNG, JPEG "
-                              f"or WebP image") from None
+    return open_image(p, lambda image: image.convert("RGB"), canvas_pixels,
+                      lambda message: SyncEngineError(f"{what}: {message}"))
 
 
 def fit_to_canvas(image, height: int, width: int, policy: str = "error", tolerance: float = 0.01, what: str = "image"):

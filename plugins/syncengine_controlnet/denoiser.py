@@ -141,7 +141,7 @@ class ControlNetDenoiser(StableDiffusionDenoiser):
                 where = f"requests[].inputs.{unit.input}" if unit.input else "requests[].inputs.control"
                 raise SyncEngineError(f"{what} is missing: set {where} to an image file, or "
                                       f"denoiser.controlnets.{i}.image")
-            image = load_image(source, what)
+            image = load_image(source, what, canvas_pixels=canvas.height * canvas.width)  # the masks' limit rule
             image = fit_to_canvas(image, canvas.height, canvas.width, self.config.resize, self.config.aspect_tolerance,
                                   f"{what} {str(source)!r}")
             if pre is not None:

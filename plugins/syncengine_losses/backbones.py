@@ -33,8 +33,14 @@ def _weights_enum(net: str):
     return table[net]
 
 
+def weights_url(net: str) -> str:
+    """Where torchvision downloads ``net``'s ImageNet weights: what an error tells a user to fetch by hand
+    (``evaluate`` never downloads). A KeyError for a net the losses do not know."""
+    return _weights_enum(net).url
+
+
 def checkpoint_path(net: str) -> Path:
-    url = _weights_enum(net).url
+    url = weights_url(net)
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
 
 
@@ -54,7 +60,7 @@ def backbone_errors(net: str, pretrained: bool = True):
         if isinstance(exc, SyncEngineError) or not pretrained:
             raise
         path = checkpoint_path(net)
-        url = _weights_enum(net).url
+        url = weights_url(net)
         fix = f"delete it (torchvision downloads it again where the network is reachable) or put {url} there"
         if path.is_file():
             problem = file_problem(path)

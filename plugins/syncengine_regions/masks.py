@@ -7,8 +7,6 @@ pooling (not nearest sampling) keeps a mask edge that falls inside a latent as a
 from __future__ import annotations
 
 import math
-import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, List, Optional
@@ -18,14 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from syncengine.config import PRESETS_DIR
-from syncengine.errors import ConfigError, one_line
-
-# The largest mask/layout image read: PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS, 0.25 GiB as RGB),
-# raised to CANVAS_MULTIPLE x the canvas for canvases so large that a mask at twice their resolution exceeds it.
-MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
-CANVAS_MULTIPLE = 4
-# What PIL raises for a damaged file, depending on the format and the damage (a zTXt bomb is a ValueError).
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
+from syncengine.errors import ConfigError
+from syncengine.images import max_image_pixels, open_image  # noqa: F401 (max_image_pixels: re-exported)
 
 
 @dataclass
@@ -60,38 +52,10 @@ def hex_color(rgb: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*rgb)
 
 
-def max_image_pixels(canvas_pixels: int = 0) -> int:
-    """The largest image read for a canvas of ``canvas_pixels`` (0: unknown)."""
-    return max(MAX_IMAGE_PIXELS, CANVAS_MULTIPLE * canvas_pixels)
-
-
 def load_image(path: str, key: str, canvas_pixels: int = 0, convert: Callable[[Any], Any] | None = None):
-    """The decoded image (``convert``-ed, e.g. to an array), or a one-line ConfigError naming the file: missing, not
-    an image, damaged, too large, or in a mode ``convert`` cannot handle. The size is checked from the header
-    (``Image.open`` reads only that), so a decompression bomb is never decoded."""
-    from PIL import Image
-
-    file = find_file(path, key)
-    limit = max_image_pixels(canvas_pixels)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
-            with Image.open(file) as im:
-                w, h = im.size
-                if w * h > limit:
-                    raise ConfigError(key, f"image {path} is {w}x{h} px ({w * h / 1e6:.0f} MP), more than the "
-                                      f"{limit / 1e6:.0f} MP read for this canvas; resize it (it is fitted to the "
-                                      "canvas anyway)")
-                im.load()
-                return convert(im) if convert is not None else im.copy()
-    except ConfigError:
-        raise
-    except Image.DecompressionBombError as exc:  # above twice PIL's limit: refused by Image.open itself
-        raise ConfigError(key, f"image {path} is too large ({one_line(exc)}); resize it to about the canvas "
-                          "size") from None
-    except DECODE_ERRORS as exc:  # a conversion PIL lacks (LAB to grey) is a ValueError too
-        raise ConfigError(key, f"cannot read image {path} ({one_line(exc)}); give a PNG, JPEG or WebP "
-                          "image") from None
+    """The decoded mask/layout image (``convert``-ed, e.g. to an array), or a one-line ConfigError naming ``key`` and
+    the file (see :func:`syncengine.images.open_image`: missing, not an image, damaged, too large, unconvertible)."""
+    return open_image(find_file(path, key), convert, canvas_pixels, lambda message: ConfigError(key, message))
 
 
 def grey_levels(im) -> np.ndarray:

@@ -39,7 +39,7 @@ def require_cached_backbone(cls: type, options: Any) -> None:
     when they are missing; evaluation reads only local files, so a missing file is an error before any attempt."""
     if cls.__module__.split(".")[0] != "syncengine_losses" or getattr(options, "backbone", None) != "pretrained":
         return
-    from syncengine_losses.backbones import _weights_enum, checkpoint_path
+    from syncengine_losses.backbones import checkpoint_path, weights_url
 
     try:
         path = checkpoint_path(options.net)
@@ -48,7 +48,7 @@ def require_cached_backbone(cls: type, options: Any) -> None:
     if not path.is_file():
         raise ModelNotFoundError(
             f"ImageNet weights of the {options.net} backbone are not in the torch cache ({path}); evaluate reads "
-            f"only local files: fetch {_weights_enum(options.net).url} into that folder where the internet is "
+            f"only local files: fetch {weights_url(options.net)} into that folder where the internet is "
             "reachable (or set TORCH_HOME), or use --backbone random for a smoke run"
         )
 

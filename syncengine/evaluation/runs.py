@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import SyncEngineError, one_line
+from ..errors import SyncEngineError
+from ..images import open_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-# What PIL raises for a damaged file, depending on the format and the damage (a zTXt bomb is a ValueError).
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
 
 
 @dataclass
@@ -28,15 +26,11 @@ class Sample:
 
 def load_image(path: Path) -> torch.Tensor:
     """``[3, H, W]`` float in ``[0, 1]``; a file that does not decode (damaged, not an image, or over PIL's
-    decompression-bomb limit) is a one-line :class:`SyncEngineError` naming it."""
+    decompression-bomb limit) is a one-line :class:`SyncEngineError` naming it (:func:`~syncengine.images.open_image`,
+    with PIL's own limit: a run's images may be as large as any canvas it allowed)."""
     import numpy as np
-    from PIL import Image
 
-    try:
-        with Image.open(path) as img:
-            array = np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
-    except (*DECODE_ERRORS, Image.DecompressionBombError) as exc:
-        raise SyncEngineError(f"{path} is not a readable image ({one_line(exc)})") from None
+    array = open_image(path, lambda img: np.asarray(img.convert("RGB"), dtype=np.uint8).copy(), canvas_pixels=None)
     return torch.from_numpy(array).permute(2, 0, 1).float() / 255
 
 
