@@ -277,17 +277,87 @@ def _uninterpolated(text: str) -> str:
 REQUEST_TEXT = ("prompt", "negative_prompt", "name")  # and every string under ``inputs`` (paths)
 
 
+def _literal_text(value: Any, escape=_uninterpolated) -> Any:
+    """``value`` with every string in it (through dicts and lists) escaped: user text, never a spec reference."""
+    if isinstance(value, str):
+        return escape(value)
+    if isinstance(value, dict):
+        return {k: _literal_text(v, escape) for k, v in value.items()}
+    return [_literal_text(v, escape) for v in value] if isinstance(value, list) else value
+
+
 def literal_request(item: dict, escape=_uninterpolated) -> dict:
     """A request (plain mapping) whose text is never interpolated: prompts, names and ``inputs`` strings are the
     user's words and paths, not spec references; ``overrides`` are spec keys and keep OmegaConf's meaning."""
-    def text(value: Any) -> Any:
-        if isinstance(value, str):
-            return escape(value)
-        if isinstance(value, dict):
-            return {k: text(v) for k, v in value.items()}
-        return [text(v) for v in value] if isinstance(value, list) else value
+    return {k: _literal_text(v, escape) if k in REQUEST_TEXT or k == "inputs" else v for k, v in item.items()}
 
-    return {k: text(v) if k in REQUEST_TEXT or k == "inputs" else v for k, v in item.items()}
+
+def _literal_at(value: Any, path: list[str]) -> Any:
+    """``value`` with the text at the dotted ``path`` made literal (lists are crossed item by item)."""
+    if not path:
+        return _literal_text(value)
+    if isinstance(value, list):
+        return [_literal_at(v, path) for v in value]
+    if isinstance(value, dict) and path[0] in value:
+        return {**value, path[0]: _literal_at(value[path[0]], path[1:])}
+    return value
+
+
+def _literal_fields(cls: type) -> tuple[str, ...]:
+    """The user-text fields a plugin's ``Config`` names in ``literal_text`` (dotted, relative to its section; every
+    string under one is text, e.g. ``"regions.prompt"`` or a whole ``"prompts"`` mapping): like requests' prompts,
+    never interpolated."""
+    return tuple(getattr(cls.Config, "literal_text", ()))
+
+
+def _section_fields(data: dict, names: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+    """``{section: literal text fields}`` of the plugins a plain spec names (``names``: a request's own choices)."""
+    out = {}
+    for section, kind in PLUGIN_SECTIONS.items():
+        node = data
+        for part in section.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        name = names.get(section, node.get("name") if isinstance(node, dict) else None)
+        if name is None:
+            name = OmegaConf.select(OmegaConf.structured(Spec), f"{section}.name")
+        try:
+            out[section] = _literal_fields(registry.get(kind, str(name)))
+        except SyncEngineError:
+            continue  # an unknown plugin: _plugin_section names it
+    return out
+
+
+def _literal_override(key: str, value: Any, fields: dict[str, tuple[str, ...]]) -> Any:
+    """A ``key=value`` override (a request's ``overrides``) with the text it sets in plugin text fields made literal:
+    ``tiler.regions.0.prompt``, ``tiler.prompts`` or the whole ``tiler`` all reach ``regions.prompt``/``prompts``."""
+    for section, paths in fields.items():
+        if key != section and not key.startswith(section + "."):
+            continue
+        named = [p for p in key[len(section) + 1:].split(".") if p and not p.isdigit()]
+        for path in (p.split(".") for p in paths):
+            if path[: len(named)] == named:
+                value = _literal_at(value, path[len(named):])
+            elif named[: len(path)] == path:
+                value = _literal_text(value)
+    return value
+
+
+def _literal_plugin_text(data: dict) -> None:
+    """The plugins' user text (:func:`_literal_fields`) escaped in place in a plain spec, as requests' text is: in the
+    plugin sections and in the requests' ``overrides`` that set it."""
+    fields = _section_fields(data, {})
+    for section, paths in fields.items():
+        parent, _, key = section.rpartition(".")
+        owner = data.get(parent) if parent else data
+        if isinstance(owner, dict) and isinstance(owner.get(key), dict):
+            owner[key] = _literal_override(section, owner[key], {section: paths})
+    requests = data.get("requests")
+    for request in requests if isinstance(requests, list) else ():
+        overrides = request.get("overrides") if isinstance(request, dict) else None
+        if isinstance(overrides, dict):
+            names = {s: overrides[f"{s}.name"] for s in PLUGIN_SECTIONS if f"{s}.name" in overrides}
+            own = _section_fields(data, names)
+            request["overrides"] = {k: _literal_override(str(k), v, own) for k, v in overrides.items()}
 
 
 def _omegaconf_error(prefix: str, exc: OmegaConfBaseException) -> ConfigError:
@@ -368,6 +438,9 @@ def _plugin_section(cfg: DictConfig, section: str, kind: str) -> tuple[DictConfi
     except SyncEngineError as exc:
         raise ConfigError(f"{section}.name", str(exc)) from None
     options = OmegaConf.create({k: v for k, v in node.items() if k != "name"})
+    raw = OmegaConf.to_container(node)
+    for k in {path.split(".")[0] for path in _literal_fields(cls)} & set(raw):
+        options[k] = raw[k]  # escaped text as it is (items() would resolve a top-level string's escapes)
     typed = typed_config(cls.Config, options, section)
     instance = OmegaConf.to_object(typed)
     full = OmegaConf.merge({"name": name}, typed)
@@ -529,6 +602,7 @@ def _check_canvas_size(height: int, width: int, limit: float) -> None:
 def validate(raw: DictConfig | dict) -> ResolvedSpec:
     """Validate a composed spec; returns the resolved spec or raises a one-line :class:`ConfigError`."""
     data = _spec_data(raw)
+    _literal_plugin_text(data)
     if data.get("requests") is not None:
         _check(isinstance(data["requests"], list), "requests",
                f"a list of requests ([{{prompt: ..., seed: 0}}]), got {data['requests']!r}")

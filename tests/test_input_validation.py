@@ -385,3 +385,21 @@ def test_max_megapixels(height, width, limit, ok):
     else:
         with pytest.raises(ConfigError, match="raise it if you mean it"):
             resolve(BASE, overrides)
+
+
+@pytest.mark.parametrize("text", SPEC_TEXTS)
+def test_plugin_text_fields_are_literal_like_requests_text(text):
+    """A plugin Config names its user text in ``literal_text`` (the regions tiler: its prompts); the request-text
+    rule then applies there too: from the spec, key=value, a request's overrides, and after validating again."""
+    tiler = {"name": "regions", "window": 64, "stride": 32, "background_prompt": text,
+             "regions": [{"mask": {"rect": [0, 0, 64, 64]}, "prompt": text}]}
+    spec = {**BASE, "tiler": tiler, "requests": [{"prompt": "a", "overrides": {"tiler.background_prompt": "o" + text}}]}
+    for resolved in (resolve(spec), resolve({**spec, "tiler": {**tiler, "background_prompt": None}},
+                                            [f"tiler.background_prompt={text}"])):
+        for again in (resolved, validate(resolved.config)):
+            options = again.plugin_configs["tiler"]
+            assert (options.background_prompt, options.regions[0].prompt) == (text, text)
+            assert again.to_container()["tiler"]["background_prompt"] == text
+        assert request_spec(resolved, 0).plugin_configs["tiler"].background_prompt == "o" + text
+        assert HOME not in json.dumps(resolved.to_container())
+    assert resolve(spec, ["tiler.background_prompt=a \\${y}"]).plugin_configs["tiler"].background_prompt == "a ${y}"

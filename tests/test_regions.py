@@ -205,3 +205,60 @@ def test_committed_demo_layout_is_the_generated_one():
 
     committed = np.asarray(Image.open(PRESETS_DIR / "layouts" / "balloons.png").convert("RGB"))
     assert np.array_equal(committed, np.asarray(demo_layout()))
+
+
+HOME = "/sentinel-home-value"
+TEXTS = {"region": "a ${oc.env:HOME} car", "region_negative": "${x}", "layout": "at ${now:%H} o'clock",
+         "background": "bg ${oc.env:HOME}", "background_negative": "${a:${b}} nested"}
+
+
+@pytest.mark.parametrize("given", ["spec", "command_line"])
+def test_region_prompts_stay_literal_end_to_end(tiny_spec, tmp_path, capsys, monkeypatch, given):
+    """The regions tiler's prompts are the user's words, as requests' prompts are: `${oc.env:HOME}`, `${x}` or
+    `${now:%H}` in tiler.regions[].prompt, tiler.prompts or tiler.background_prompt (spec or key=value) reach the
+    denoiser and the sidecar's spec as written, and `syncengine config` prints them so that they read back."""
+    from syncengine_sd.denoiser import StableDiffusionDenoiser
+
+    monkeypatch.setenv("HOME", HOME)
+    encoded = set()
+    original = StableDiffusionDenoiser.encode_prompt
+
+    def recording(self, prompt, negative_prompt=""):
+        encoded.add((prompt, negative_prompt))
+        return original(self, prompt, negative_prompt)
+
+    monkeypatch.setattr(StableDiffusionDenoiser, "encode_prompt", recording)
+    layout = tmp_path / "layout.png"
+    Image.fromarray(np.array([[[0x12, 0x34, 0x56]] * 2 + [[255, 255, 255]] * 3], np.uint8)).save(layout)  # 5x1
+    t = TEXTS
+    texts = {"regions": [{"mask": {"rect": [0, 128, 64, 32]}, "prompt": t["region"],
+                          "negative_prompt": t["region_negative"]}],
+             "prompts": {"#123456": t["layout"]}, "background_prompt": t["background"],
+             "background_negative_prompt": t["background_negative"]}
+    plain = {"regions": [{"mask": {"rect": [0, 128, 64, 32]}, "prompt": "r"}], "prompts": {"#123456": "l"}}
+    spec = regions_spec(tiny_spec, sampler={"steps": 1}, layout=str(layout), layout_background="#ffffff",
+                        **(texts if given == "spec" else plain))
+    overrides = [] if given == "spec" else [
+        f"tiler.regions.0.prompt={t['region']}", f"tiler.regions.0.negative_prompt={t['region_negative']}",
+        f"tiler.prompts.#123456={t['layout']}", f"tiler.background_prompt={t['background']}",
+        f"tiler.background_negative_prompt={t['background_negative']}"]
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["generate", str(path), *overrides]) == 0, capsys.readouterr().err
+    assert encoded == {(t["region"], t["region_negative"]), (t["layout"], ""),  # (every window has a region view or
+                       (t["background"], t["background_negative"])}                # a background one: no request's)
+    meta = json.loads((tmp_path / "out" / "img.json").read_text())
+    tiler = meta["spec"]["tiler"]
+    region = tiler["regions"][0]
+    assert (region["prompt"], region["negative_prompt"]) == (t["region"], t["region_negative"])
+    assert tiler["prompts"] == {"#123456": t["layout"]} and tiler["background_prompt"] == t["background"]
+    assert tiler["background_negative_prompt"] == t["background_negative"] and HOME not in json.dumps(meta)
+
+    capsys.readouterr()
+    assert main(["config", str(path), *overrides]) == 0
+    printed = capsys.readouterr().out
+    again = tmp_path / "again.yaml"
+    again.write_text(printed)
+    reread = resolve(again).plugin_configs["tiler"]
+    assert HOME not in printed and (reread.regions[0].prompt, reread.prompts["#123456"]) == (t["region"], t["layout"])
+    assert (reread.background_prompt, reread.background_negative_prompt) == (t["background"], t["background_negative"])

@@ -10,7 +10,7 @@ all zero are skipped.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import ClassVar, Dict, List, Optional
 
 import torch
 
@@ -43,6 +43,10 @@ class RegionsConfig(SlidingConfig):
     background: bool = True  # background views fill what the regions leave; false: the regions must cover the canvas
     background_prompt: Optional[str] = None  # default: the request's prompt
     background_negative_prompt: Optional[str] = None  # default: the request's
+
+    # The user's words, never interpolated by OmegaConf (as requests' prompts): `${oc.env:HOME}` stays that text.
+    literal_text: ClassVar[tuple[str, ...]] = ("regions.prompt", "regions.negative_prompt", "prompts",
+                                               "background_prompt", "background_negative_prompt")
 
 
 @dataclass
