@@ -49,6 +49,18 @@ def with_torch_home(torch_home, monkeypatch) -> Path:
 
 
 @pytest.fixture
+def no_network(monkeypatch):
+    """Any connection attempt (name lookup or connect) fails at once: proves a code path never reaches a hub."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access is disabled in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.fixture
 def tiny_spec(tiny_sd, tmp_path):
     """A small, fast spec dict on the tiny model (tests override what they need)."""
 

@@ -10,7 +10,6 @@ import logging
 import os
 import random
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -25,15 +24,6 @@ from syncengine_sd.loading import TINY_MODEL
 from syncengine_sd.model_files import file_problem
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("network access is disabled in this test")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 def truncate(path: Path) -> Path:

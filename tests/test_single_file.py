@@ -7,7 +7,6 @@ is cut off in these tests, so anything that tried the hub would fail.
 """
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -16,15 +15,6 @@ from _ldm_checkpoint import pipeline_to_ldm
 from syncengine.denoiser import Conditioning, Step
 from syncengine.errors import ModelNotFoundError
 from syncengine_sd.denoiser import StableDiffusionConfig, StableDiffusionDenoiser
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("network access is disabled in this test")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 @pytest.fixture(scope="module")
