@@ -67,6 +67,16 @@ X0_SCHEDULERS = ("DDIMScheduler",)
 (x_t, x0) alone and each view can take its own with the merged x0."""
 
 
+def check_step_count(scheduler: Any, steps: int) -> None:
+    """More steps than the model has trained timesteps (after the scheduler's offset) would index past its noise
+    schedule deep inside diffusers; say so before sampling. Known only once the model's scheduler is loaded."""
+    config = scheduler.config
+    limit = int(config.get("num_train_timesteps", 0) or 0) - int(config.get("steps_offset", 0) or 0)
+    if limit > 0 and steps > limit:
+        raise ConfigError("sampler.steps", f"{steps} steps is more than this model's scheduler has timesteps "
+                                           f"({limit}); use sampler.steps={limit} or fewer")
+
+
 def _batches(items: Sequence, size: int):
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -162,6 +172,7 @@ class JointSampler:
         device = den.device
         opts = self.options
         scheduler = den.make_scheduler(opts.scheduler, **opts.scheduler_options)
+        check_step_count(scheduler, opts.steps)
         scheduler.set_timesteps(opts.steps, device=device)
         step_kwargs = {}
         if "generator" in inspect.signature(scheduler.step).parameters:

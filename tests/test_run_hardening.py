@@ -339,3 +339,21 @@ def test_final_decode_is_announced_when_progress_is_on(tiny_spec, tmp_path, caps
     assert main(["generate", str(path)]) == 0
     assert "img: decoding 64x128 canvas" in capsys.readouterr().err
     assert (out / "img.png").is_file()
+
+
+@pytest.mark.parametrize("steps, ok", [(999, True), (1000, False)])
+def test_more_steps_than_the_model_has_timesteps_is_one_line(tiny_spec, steps, ok):
+    """The tiny model's DDIM has 1000 training timesteps and offset 1: 999 steps is its most (1000 indexed past the
+    schedule inside diffusers with an IndexError)."""
+    from syncengine.config import resolve
+    from syncengine.errors import ConfigError
+    from syncengine.pipeline import Pipeline
+    from syncengine.sampler import check_step_count
+
+    pipe = Pipeline(resolve(tiny_spec(sampler={"steps": steps})))
+    scheduler = pipe.denoiser_for(pipe.resolved).make_scheduler("ddim")
+    if ok:
+        check_step_count(scheduler, steps)
+        return
+    with pytest.raises(ConfigError, match=r"sampler\.steps.*sampler\.steps=999 or fewer"):
+        pipe.run(0)
