@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from . import registry
 from .errors import ConfigError, SyncEngineError, one_line
 from .denoiser import Denoiser
+from .user_text import literal_override, literal_request
 from .views import CanvasSpec
 
 
@@ -259,50 +260,6 @@ def compose(spec: str | Path | dict | DictConfig | None = None, overrides: list[
 
 # ------------------------------------------------------------------------------------------------------- validation
 
-_INTERPOLATION = re.compile(r"(\\*)\$\{")
-
-
-def literal(text: str) -> str:
-    """Raw user text (a prompts-file line, the API's ``prompts``) escaped so that OmegaConf gives it back unchanged:
-    ``${oc.env:HOME}`` in a prompt must not put an environment variable in the prompt and its sidecar."""
-    return _INTERPOLATION.sub(lambda m: m.group(1) * 2 + "\\${", text)
-
-
-def _uninterpolated(text: str) -> str:
-    """Spec text (YAML, ``key=value``) with every interpolation escaped and escaped ones kept: what OmegaConf shows,
-    never resolved. Idempotent, so a validated spec validates again and ``syncengine config`` output round-trips."""
-    return _INTERPOLATION.sub(lambda m: m.group(0) if len(m.group(1)) % 2 else m.group(1) + "\\${", text)
-
-
-REQUEST_TEXT = ("prompt", "negative_prompt", "name")  # and every string under ``inputs`` (paths)
-
-
-def _literal_text(value: Any, escape=_uninterpolated) -> Any:
-    """``value`` with every string in it (through dicts and lists) escaped: user text, never a spec reference."""
-    if isinstance(value, str):
-        return escape(value)
-    if isinstance(value, dict):
-        return {k: _literal_text(v, escape) for k, v in value.items()}
-    return [_literal_text(v, escape) for v in value] if isinstance(value, list) else value
-
-
-def literal_request(item: dict, escape=_uninterpolated) -> dict:
-    """A request (plain mapping) whose text is never interpolated: prompts, names and ``inputs`` strings are the
-    user's words and paths, not spec references; ``overrides`` are spec keys and keep OmegaConf's meaning."""
-    return {k: _literal_text(v, escape) if k in REQUEST_TEXT or k == "inputs" else v for k, v in item.items()}
-
-
-def _literal_at(value: Any, path: list[str]) -> Any:
-    """``value`` with the text at the dotted ``path`` made literal (lists are crossed item by item)."""
-    if not path:
-        return _literal_text(value)
-    if isinstance(value, list):
-        return [_literal_at(v, path) for v in value]
-    if isinstance(value, dict) and path[0] in value:
-        return {**value, path[0]: _literal_at(value[path[0]], path[1:])}
-    return value
-
-
 def _literal_fields(cls: type) -> tuple[str, ...]:
     """The user-text fields a plugin's ``Config`` names in ``literal_text`` (dotted, relative to its section; every
     string under one is text, e.g. ``"regions.prompt"`` or a whole ``"prompts"`` mapping): like requests' prompts,
@@ -327,21 +284,6 @@ def _section_fields(data: dict, names: dict[str, Any]) -> dict[str, tuple[str, .
     return out
 
 
-def _literal_override(key: str, value: Any, fields: dict[str, tuple[str, ...]]) -> Any:
-    """A ``key=value`` override (a request's ``overrides``) with the text it sets in plugin text fields made literal:
-    ``tiler.regions.0.prompt``, ``tiler.prompts`` or the whole ``tiler`` all reach ``regions.prompt``/``prompts``."""
-    for section, paths in fields.items():
-        if key != section and not key.startswith(section + "."):
-            continue
-        named = [p for p in key[len(section) + 1:].split(".") if p and not p.isdigit()]
-        for path in (p.split(".") for p in paths):
-            if path[: len(named)] == named:
-                value = _literal_at(value, path[len(named):])
-            elif named[: len(path)] == path:
-                value = _literal_text(value)
-    return value
-
-
 def _literal_plugin_text(data: dict) -> None:
     """The plugins' user text (:func:`_literal_fields`) escaped in place in a plain spec, as requests' text is: in the
     plugin sections and in the requests' ``overrides`` that set it."""
@@ -350,14 +292,14 @@ def _literal_plugin_text(data: dict) -> None:
         parent, _, key = section.rpartition(".")
         owner = data.get(parent) if parent else data
         if isinstance(owner, dict) and isinstance(owner.get(key), dict):
-            owner[key] = _literal_override(section, owner[key], {section: paths})
+            owner[key] = literal_override(section, owner[key], {section: paths})
     requests = data.get("requests")
     for request in requests if isinstance(requests, list) else ():
         overrides = request.get("overrides") if isinstance(request, dict) else None
         if isinstance(overrides, dict):
             names = {s: overrides[f"{s}.name"] for s in PLUGIN_SECTIONS if f"{s}.name" in overrides}
             own = _section_fields(data, names)
-            request["overrides"] = {k: _literal_override(str(k), v, own) for k, v in overrides.items()}
+            request["overrides"] = {k: literal_override(str(k), v, own) for k, v in overrides.items()}
 
 
 def _omegaconf_error(prefix: str, exc: OmegaConfBaseException) -> ConfigError:

@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 
 from syncengine.api import resolve_run
 from syncengine.cli import main
-from syncengine.config import literal, request_spec, resolve, validate
+from syncengine.config import request_spec, resolve, validate
+from syncengine.user_text import literal
 from syncengine.errors import ConfigError, SyncEngineError
 from syncengine.pipeline import requests_of
 
