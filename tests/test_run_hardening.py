@@ -357,3 +357,46 @@ def test_more_steps_than_the_model_has_timesteps_is_one_line(tiny_spec, steps, o
         return
     with pytest.raises(ConfigError, match=r"sampler\.steps.*sampler\.steps=999 or fewer"):
         pipe.run(0)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 64 KiB tmpfs (real ENOSPC, page-granular), where the machine lets the test mount one (root, not refused)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.decode().strip() or done.returncode})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.parametrize("room", ["nothing", "the image only"])
+def test_real_disk_full_leaves_no_half_pair(small_filesystem, tmp_path, room):
+    """A real full disk (not a simulated error): with room for nothing, or for the PNG but not its sidecar, the
+    write fails as one line and leaves no file behind, no PNG without its JSON and no empty temporary file."""
+    from syncengine import outputs
+    from syncengine.pipeline import Generated
+    from syncengine.sampler import Request
+
+    noise = torch.rand((3, 64, 96), generator=torch.Generator().manual_seed(0))  # incompressible: ~18 KiB of PNG
+    result = Generated(Request("p", seed=1, name="x"), 0, noise, torch.zeros(1), {"spec": "x" * 6000}, {}, {})
+    png = outputs.write_result(result, tmp_path / "sizes")
+    page = 4096
+    pages = -(-png.stat().st_size // page)  # the PNG's pages; its sidecar needs two more (> 4 KiB)
+    assert png.with_suffix(".json").stat().st_size > page
+    free = 0 if room == "nothing" else pages * page
+    filler = small_filesystem / "filler"
+    with open(filler, "wb") as f:
+        try:
+            f.write(b"\0" * (64 * 1024 - free))
+        except OSError:
+            pass
+    out = small_filesystem / "out"
+    out.mkdir()
+    with pytest.raises(SyncEngineError, match="disk full|No space left") as info:
+        outputs.write_result(result, out)
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in out.iterdir()) == []
