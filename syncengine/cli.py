@@ -36,7 +36,8 @@ def _plugins() -> int:
         if row.kind != kind:
             kind = row.kind
             print(f"{kind}:")
-        print(f"  {row.name:<20} {row.target:<50} ({row.distribution})")
+        mark = "*" if row.registered else " "  # added by registry.register in this process, not installed
+        print(f" {mark}{row.name:<20} {row.target:<50} ({row.distribution})")
     return 0
 
 

@@ -61,3 +61,98 @@ def test_broken_plugin_import_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(PluginNotFoundError, match="cannot be imported"):
         registry.get("tiler", "broken")
+
+
+def test_abstract_entry_point_plugin_is_a_one_line_error(tmp_path, monkeypatch):
+    body = "from syncengine.tiler import Tiler\nclass Half(Tiler):\n    def views(self, canvas):\n        return []\n"
+    _fake_distribution(tmp_path, "half", "half_mod", "syncengine.tilers", {"half": "half_mod:Half"}, body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(registry.PluginContractError) as info:
+        registry.get("tiler", "half")
+    msg = str(info.value)
+    assert "'half'" in msg and "half_mod.Half" in msg and "validate" in msg and "\n" not in msg
+
+
+@pytest.fixture
+def registered():
+    """Names registered by a test, removed after it."""
+    added: list[tuple[str, str]] = []
+    yield added
+    for kind, name in added:
+        registry.unregister(kind, name)
+
+
+def _tiler_class(name="Notebook"):
+    from syncengine_panorama.sliding import SlidingTiler
+
+    return type(name, (SlidingTiler,), {"__module__": "notebook_cell"})
+
+
+def test_register_without_installing(registered):
+    cls = registry.register("tiler", "notebook-tiler")(_tiler_class())
+    registered.append(("tiler", "notebook-tiler"))
+    assert registry.get("tiler", "notebook-tiler") is cls
+    assert "notebook-tiler" in registry.names("tiler")
+    row = {r.name: r for r in registry.list_plugins() if r.kind == "tiler"}["notebook-tiler"]
+    assert row.registered and row.target == "notebook_cell:Notebook" and row.load() is cls
+    assert not {r.name: r for r in registry.list_plugins()}["sliding"].registered
+    assert registry.name_of("tiler", cls()) == "notebook-tiler"
+    registry.unregister("tiler", "notebook-tiler")
+    with pytest.raises(PluginNotFoundError):
+        registry.get("tiler", "notebook-tiler")
+
+
+def test_registered_plugin_runs_from_a_spec(registered):
+    from syncengine.config import resolve
+
+    registry.register("tiler", "notebook-tiler")(_tiler_class())
+    registered.append(("tiler", "notebook-tiler"))
+    resolved = resolve({"tiler": {"name": "notebook-tiler", "stride": 16}})
+    assert type(resolved.build("tiler")).__name__ == "Notebook"
+
+
+def test_register_clashes_are_one_line_errors(registered):
+    with pytest.raises(registry.PluginContractError) as info:
+        registry.register("tiler", "sliding")(_tiler_class())
+    assert "already installed by syncengine" in str(info.value) and "replace=True" in str(info.value)
+    assert "\n" not in str(info.value)
+    registry.register("tiler", "mine")(_tiler_class("A"))
+    registered.append(("tiler", "mine"))
+    registry.register("tiler", "mine")(_tiler_class("A"))  # the same class again: a re-run notebook cell
+    with pytest.raises(registry.PluginContractError, match="already registered as notebook_cell:A"):
+        registry.register("tiler", "mine")(_tiler_class("B"))
+    b = registry.register("tiler", "mine", replace=True)(_tiler_class("B"))
+    assert registry.get("tiler", "mine") is b
+
+
+def test_register_replace_shadows_an_installed_plugin(registered):
+    from syncengine_panorama.sliding import SlidingTiler
+
+    cls = registry.register("tiler", "sliding", replace=True)(_tiler_class())
+    registered.append(("tiler", "sliding"))
+    assert registry.get("tiler", "sliding") is cls
+    assert [r.registered for r in registry.list_plugins() if r.name == "sliding"] == [True]
+    registry.unregister("tiler", "sliding")
+    registered.clear()
+    assert registry.get("tiler", "sliding") is SlidingTiler
+
+
+def test_register_refuses_abstract_classes_and_unknown_kinds():
+    from syncengine.tiler import Tiler
+
+    with pytest.raises(registry.PluginContractError, match="does not implement validate, views"):
+        registry.register("tiler", "empty")(type("Empty", (Tiler,), {}))
+    assert "empty" not in registry.names("tiler")
+    with pytest.raises(PluginNotFoundError, match="unknown plugin kind"):
+        registry.register("tilers", "x")
+
+
+def test_plugins_command_marks_registered(registered, capsys):
+    from syncengine.cli import main
+
+    registry.register("tiler", "notebook-tiler")(_tiler_class())
+    registered.append(("tiler", "notebook-tiler"))
+    assert main(["plugins"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith(" *notebook-tiler") and "registered in-process" in line for line in lines)
+    assert any(line.startswith("  sliding") for line in lines)

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from syncengine import registry
 from syncengine.errors import ConfigError
 from syncengine.tiler import Tiler
 from syncengine.views import CanvasSpec
@@ -43,8 +44,6 @@ def _view(index: int, size: int, fov: float, yaw: float, pitch: float, sampling:
 class SphericalTiler(Tiler):
     """Shared by the spherical tilers: the ±180° seam wraps, and the finished image gets its 360° outputs."""
 
-    spec_name = ""  # the tiler's registered name, recorded in the sidecar
-
     @property
     def periodic_width(self) -> bool:
         return True
@@ -58,7 +57,8 @@ class SphericalTiler(Tiler):
     def finish_output(self, image: torch.Tensor, canvas: CanvasSpec):
         """Extra images (exports) and metadata (GPano XMP, projection for the sidecar) of the finished image."""
         cameras = [v.context["camera"] for v in self.views(canvas)]
-        return finish(image, self.config, cameras, self.config.window, self.spec_name)
+        name = registry.name_of("tiler", self) or type(self).__name__  # the sidecar records the spec's name
+        return finish(image, self.config, cameras, self.config.window, name)
 
 
 @dataclass
@@ -73,7 +73,6 @@ class PerspectiveConfig(ExportConfig):
 
 class PerspectiveTiler(SphericalTiler):
     Config = PerspectiveConfig
-    spec_name = "perspective"
 
     def validate(self, canvas: CanvasSpec) -> None:
         super().validate(canvas)
@@ -105,7 +104,6 @@ class CubemapTiler(SphericalTiler):
     """Six 90° faces in the order of `geometry.CUBE_FACES`; ``context["face"]`` names each."""
 
     Config = CubemapConfig
-    spec_name = "cubemap"
 
     def views(self, canvas: CanvasSpec) -> list[ProjectedView]:
         size = self.config.window // canvas.latent_factor
