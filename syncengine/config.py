@@ -12,7 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -50,7 +50,8 @@ class SyncConfig:
     decay: float = 0.95  # w_i = weight * decay**i at step i
     every: int = 1  # sync on steps i with (i + 1) % every == 0
     until: Optional[int] = None  # sync only while i < until (None: every step)
-    anchor: Any = "center"  # "center" (paper), "first", "last" or a view index
+    anchor: Union[int, Literal["center", "first", "last"]] = field(
+        default="center", metadata={"also": "a view index"})  # "center" (paper), "first", "last" or a view index
     batch_size: Optional[int] = None  # views per sync forward/backward; None: view_batch_size on GPU, 1 on CPU
     resolution: Optional[int] = None  # resize decoded x0 (shorter side, px) before the loss; None: full size (paper)
 
@@ -81,7 +82,7 @@ class RuntimeConfig:
     num_nodes: int = 1
     precision: Optional[str] = None
     strategy: str = "auto"
-    shard: str = "windows"  # "windows": every rank works on one request; "requests": data parallel
+    shard: Literal["windows", "requests"] = "windows"  # "windows": all ranks work on one request; "requests": data parallel
     output_dir: str = "outputs"
     overwrite: bool = False  # replace existing outputs of the same name (default: add a numeric suffix)
     progress: bool = True
@@ -147,7 +148,7 @@ def find_spec_file(name: str | Path, relative_to: Path | None = None) -> Path:
 
 
 def load_file(path: Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
-    """Load one spec file, following ``extends`` (a string or a list, merged in order, then this file)."""
+    """Load one spec file, following its ``extends`` (:func:`_follow_extends`)."""
     if path in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path))
         raise SyncEngineError(f"spec files extend each other in a cycle: {chain}")
@@ -157,14 +158,18 @@ def load_file(path: Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
         raise SyncEngineError(f"cannot parse spec {path}: {one_line(exc)}") from exc
     if not isinstance(cfg, DictConfig):
         raise SyncEngineError(f"spec {path} must be a mapping of sections, got a {type(cfg).__name__}")
+    return _follow_extends(cfg, path.parent, (*_seen, path))
+
+
+def _follow_extends(cfg: DictConfig, relative_to: Path | None, seen: tuple[Path, ...]) -> DictConfig:
+    """``cfg`` over the specs its ``extends`` names (a string or a list, merged in order): the one place a file's
+    and a mapping's parents are read. ``seen``: the files on the way here, so that a cycle is an error."""
     parents = cfg.pop("extends", None)
     if parents is None:
         return cfg
-    if isinstance(parents, str):
-        parents = [parents]
     merged = OmegaConf.create()
-    for parent in parents:
-        merged = merge_layer(merged, load_file(find_spec_file(parent, path.parent), (*_seen, path)))
+    for parent in [parents] if isinstance(parents, str) else parents:
+        merged = merge_layer(merged, load_file(find_spec_file(parent, relative_to), seen))
     return merge_layer(merged, cfg)
 
 
@@ -192,35 +197,47 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def _switch_plugins(base: DictConfig, layer: DictConfig | dict) -> None:
-    """A layer that names another plugin for a section replaces that section: the old plugin's options belong to
-    it (``sync.loss.net`` means nothing to the ``style`` loss), so they are not merged into the new one's."""
+def _named_plugins(layer: DictConfig) -> dict[str, Any]:
+    """``{section: plugin name}`` for each plugin section a spec layer names a plugin in (a name that does not
+    resolve is left out: validation names its key)."""
+    out = {}
     for section in PLUGIN_SECTIONS:
-        given = OmegaConf.select(layer, section) if isinstance(layer, DictConfig) else None
+        given = OmegaConf.select(layer, section)
+        if isinstance(given, DictConfig) and "name" in given:
+            try:
+                out[section] = given.name
+            except OmegaConfBaseException:
+                continue
+    return out
+
+
+def switch_plugins(base: DictConfig, names: dict[str, Any]) -> DictConfig:
+    """The composition rule, in one place: naming another plugin for a section replaces the section. The old
+    plugin's options belong to it (``sync.loss.net`` means nothing to the ``style`` loss), so every section of
+    ``base`` whose plugin ``names`` changes is emptied (in place) before the new layer is merged or set."""
+    for section, name in names.items():
         current = OmegaConf.select(base, section)
-        if (isinstance(given, DictConfig) and "name" in given and isinstance(current, DictConfig)
-                and "name" in current and given.name != current.name):
+        if isinstance(current, DictConfig) and "name" in current and current.name != name:
             OmegaConf.update(base, section, {}, merge=False)
+    return base
 
 
 def merge_layer(base: DictConfig, layer: DictConfig | dict) -> DictConfig:
     """``layer`` over ``base`` (both specs): OmegaConf's merge, except that naming another plugin replaces the
-    section (see :func:`_switch_plugins`)."""
+    section (see :func:`switch_plugins`)."""
     layer = layer if isinstance(layer, DictConfig) else OmegaConf.create(layer)
-    base = OmegaConf.create(OmegaConf.to_container(base))
-    _switch_plugins(base, layer)
+    base = switch_plugins(OmegaConf.create(OmegaConf.to_container(base)), _named_plugins(layer))
     return OmegaConf.merge(base, layer)  # type: ignore[return-value]
 
 
 def apply_overrides(cfg: DictConfig, overrides: list[tuple[str, Any]] | dict[str, Any]) -> DictConfig:
     """Set dotted keys on a spec (``requests.0.seed=3`` indexes lists). A key that names another plugin for a section
-    (``sync.loss.name=style``) first replaces that section, whatever the order of the overrides."""
+    (``sync.loss.name=style``) first replaces that section (:func:`switch_plugins`), whatever the order of the
+    overrides."""
     pairs = list(overrides.items()) if isinstance(overrides, dict) else list(overrides)
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
     names = {f"{section}.name": section for section in PLUGIN_SECTIONS}
-    for key, value in pairs:
-        if key in names and OmegaConf.select(cfg, key) not in (None, value):
-            OmegaConf.update(cfg, names[key], {}, merge=False)
+    cfg = switch_plugins(OmegaConf.create(OmegaConf.to_container(cfg)),
+                         {names[key]: value for key, value in pairs if key in names})
     for key, value in pairs:
         parts = key.split(".")
         for depth, part in enumerate(parts[:-1]):
@@ -248,13 +265,7 @@ def compose(spec: str | Path | dict | DictConfig | None = None, overrides: list[
         raise SyncEngineError(f"spec is {type(spec).__name__} {spec!r}; give a YAML file, a preset name (e.g. 'demo') "
                               "or a mapping of sections")
     else:
-        raw = OmegaConf.create(spec)
-        if "extends" in raw:
-            base = OmegaConf.create()
-            parents = raw.pop("extends")
-            for parent in [parents] if isinstance(parents, str) else parents:
-                base = merge_layer(base, load_file(find_spec_file(parent)))
-            raw = merge_layer(base, raw)
+        raw = _follow_extends(OmegaConf.create(spec), None, ())
     return apply_overrides(raw, parse_overrides(list(overrides)))
 
 
@@ -329,17 +340,18 @@ def _full_path(values: Any, key: str) -> str:
     return key
 
 
-def typed_config(schema: type, values: Any, where: str) -> DictConfig:
-    """``values`` merged over the dataclass ``schema``'s defaults and type-checked; failures are a one-line
-    :class:`ConfigError` naming the key under ``where`` (plugins validating their own sub-sections use this too)."""
+def typed_config(schema: type, values: Any, where: str, defaults: DictConfig | None = None) -> DictConfig:
+    """``values`` merged over the dataclass ``schema``'s defaults (or ``defaults``, a structured config of it) and
+    type-checked; failures are a one-line :class:`ConfigError` naming the key under ``where`` (plugins validating
+    their own sub-sections use this too)."""
     try:
-        base = OmegaConf.structured(schema)
+        base = OmegaConf.structured(schema) if defaults is None else defaults
         typed = OmegaConf.merge(base, values)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
         if key:
             key = _full_path(values, str(key))
-        msg = one_line(exc, 10_000)
+        msg = _choices_message(exc) or one_line(exc, 10_000)
         if "not in" in msg and key is not None:
             owner = getattr(exc, "object_type", None)
             owner = owner if dataclasses.is_dataclass(owner) else schema
@@ -349,6 +361,28 @@ def typed_config(schema: type, values: Any, where: str) -> DictConfig:
         raise ConfigError(full, msg) from None
     _check_values(typed, where)
     return typed  # type: ignore[return-value]
+
+
+def _choices_message(exc: OmegaConfBaseException) -> str | None:
+    """A one-line message for a value outside a closed set (a ``Literal`` field, maybe in a ``Union`` with other
+    types: ``sync.anchor``): the allowed values by name, where OmegaConf prints the raw type hint."""
+    owner, name = getattr(exc, "object_type", None), getattr(exc, "key", None)
+    if not dataclasses.is_dataclass(owner) or not isinstance(name, str):
+        return None
+    try:
+        hint = get_type_hints(owner).get(name)
+    except Exception:  # unresolvable annotations: OmegaConf's own message
+        return None
+    options = get_args(hint) if get_origin(hint) is Union else (hint,)
+    values = [str(v) for option in options if get_origin(option) is Literal for v in get_args(option)]
+    if not values:
+        return None
+    also = next((f.metadata.get("also") for f in dataclasses.fields(owner) if f.name == name), None)
+    others = [also or f"an {option.__name__}" for option in options
+              if get_origin(option) is not Literal and option is not type(None)][:1]
+    others += ["null"] if type(None) in options else []
+    allowed = ", ".join(values) + "".join(f" or {other}" for other in others)
+    return f"{getattr(exc, 'value', None)!r} is not one of {allowed}"
 
 
 def _check_values(node: DictConfig | ListConfig, where: str) -> None:
@@ -392,20 +426,6 @@ def _plugin_section(cfg: DictConfig, section: str, kind: str) -> tuple[DictConfi
 def _check(cond: bool, key: str, message: str) -> None:
     if not cond:
         raise ConfigError(key, message)
-
-
-ANCHORS = ("center", "first", "last")
-
-
-def _drop_default_plugin_options(top: DictConfig, raw: DictConfig | dict) -> None:
-    """A section that names another plugin than the schema's default keeps only the keys the spec gives: the default
-    plugin's options (``sync.loss.net``, ``denoiser.pretrained``) belong to it, not to the plugin the spec names."""
-    raw = raw if isinstance(raw, DictConfig) else OmegaConf.create(raw)
-    defaults = OmegaConf.structured(Spec)
-    for section in PLUGIN_SECTIONS:
-        given = OmegaConf.select(raw, section)
-        if isinstance(given, DictConfig) and "name" in given and given.name != OmegaConf.select(defaults, section).name:
-            OmegaConf.update(top, section, OmegaConf.to_container(given), merge=False)
 
 
 SEED_LIMIT = 2**63  # torch takes seeds below 2**64; below 2**63 derived seeds (the sampler's seed + 1) still fit
@@ -486,8 +506,8 @@ def validate(raw: DictConfig | dict) -> ResolvedSpec:
         _check(isinstance(data["requests"], list), "requests",
                f"a list of requests ([{{prompt: ..., seed: 0}}]), got {data['requests']!r}")
         data["requests"] = _requests(data["requests"])
-    top = typed_config(Spec, data, "")
-    _drop_default_plugin_options(top, data)
+    defaults = switch_plugins(OmegaConf.structured(Spec), _named_plugins(OmegaConf.create(data)))
+    top = typed_config(Spec, data, "", defaults)
     plugin_configs: dict[str, Any] = {}
     plugin_classes: dict[str, type] = {}
     for section, kind in PLUGIN_SECTIONS.items():
@@ -524,14 +544,7 @@ def validate(raw: DictConfig | dict) -> ResolvedSpec:
     _check(y.until is None or y.until >= 0, "sync.until", f"must be >= 0, got {y.until}")
     _check(y.resolution is None or y.resolution >= 16, "sync.resolution", f"must be >= 16 px, got {y.resolution}")
     _check(y.batch_size is None or y.batch_size >= 1, "sync.batch_size", f"must be >= 1, got {y.batch_size}")
-    anchor = y.anchor
-    _check(
-        (isinstance(anchor, int) and not isinstance(anchor, bool)) or anchor in ANCHORS,
-        "sync.anchor",
-        f"{anchor!r} is not one of {', '.join(ANCHORS)} or a view index",
-    )
 
-    _check(r.shard in ("windows", "requests"), "runtime.shard", f"{r.shard!r} is not 'windows' or 'requests'")
     _check(r.num_nodes >= 1, "runtime.num_nodes", f"must be >= 1, got {r.num_nodes}")
     check_runtime(r)
 
@@ -565,6 +578,3 @@ def request_spec(resolved: ResolvedSpec, index: int) -> ResolvedSpec:
     pairs = [(str(k), OmegaConf.to_container(v) if isinstance(v, (DictConfig, ListConfig)) else v)
              for k, v in req.overrides.items()]
     return validate(apply_overrides(resolved.config, pairs))
-
-
-_typed = typed_config  # the name plugins used before it was public

@@ -15,6 +15,7 @@ import dataclasses
 import inspect
 import io
 import json
+import re
 import sys
 import textwrap
 import tokenize
@@ -83,9 +84,18 @@ def _comments(cls: type) -> dict[str, str]:
     return out
 
 
+def _choices(literal: re.Match) -> str:
+    """``Literal["a", 'b']`` as ``"a" or "b"`` (the values as a spec writes them)."""
+    return " or ".join(f'"{v.strip().strip(chr(34) + chr(39))}"' for v in literal.group(1).split(","))
+
+
 def _type(field: dataclasses.Field) -> str:
     t = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
     t = t.replace("typing.", "")
+    t = re.sub(r"Literal\[([^\]]*)\]", _choices, t)  # a closed set
+    union = re.fullmatch(r"Union\[([^\[\]]*)\]", t)
+    if union:
+        t = " or ".join(v.strip() for v in union.group(1).split(","))
     if t.startswith("Optional[") and t.endswith("]"):
         t = f"{t[9:-1]} or null"
     return t.replace("Dict[str, Any]", "mapping").replace("List[str]", "list of str").replace("Any", "any")

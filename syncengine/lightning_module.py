@@ -288,9 +288,11 @@ def launched_rank() -> int:
 
 
 def _check_launcher(trainer: L.Trainer) -> None:
-    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-
-    if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+    """Refuse a launcher that runs the ranks in child processes of this one (``mp`` spawn/fork): what they write and
+    what fails stays in the children. Lightning exports no launcher type, so the strategy's public ``launcher`` is
+    recognised by its class's name, not by importing Lightning's private module."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if any(cls.__name__ == "_MultiProcessingLauncher" for cls in type(launcher).__mro__):
         from .errors import ConfigError
 
         raise ConfigError("runtime.strategy", "spawn/fork launchers (ddp_spawn, ddp_fork, or 'auto' in a notebook) "
@@ -363,9 +365,14 @@ def run(resolved: ResolvedSpec) -> RunSummary:
     Raises :class:`RunInterrupted` on SIGINT/SIGTERM (module docstring), with what was written until then."""
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*predict_dataloader.*")
-    warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
+    with warnings.catch_warnings():  # Lightning's advice for training loops, for this run only
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*predict_dataloader.*")
+        warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
+        return _run(resolved)
+
+
+def _run(resolved: ResolvedSpec) -> RunSummary:
     runtime = resolved.config.runtime
     if not len(resolved.config.requests):
         from .errors import ConfigError

@@ -178,3 +178,31 @@ def test_one_line_reasons_never_fail_on_empty_messages():
     assert one_line(ValueError("x" * 500), 10) == "x" * 10
     assert one_line(OSError()) == "OSError"  # str(exc) == "": no IndexError while reporting an error
     assert one_line(ValueError("  \n  ")) == "ValueError"
+
+
+def test_closed_sets_name_the_allowed_values():
+    """Literal fields: OmegaConf checks them while typing; the message lists the values (and the other type taken)."""
+    err = _err(BASE, ["runtime.shard=pixels"])
+    assert err.key == "runtime.shard" and str(err).endswith("'pixels' is not one of windows, requests")
+    err = _err(BASE, ["sync.anchor=middle"])
+    assert err.key == "sync.anchor" and str(err).endswith("'middle' is not one of center, first, last or a view index")
+    assert _err(BASE, ["sync.anchor=true"]).key == "sync.anchor"  # a bool is not a view index
+    c = resolve(BASE, ["sync.anchor=2", "runtime.shard=requests"]).config
+    assert (c.sync.anchor, c.runtime.shard) == (2, "requests")
+    assert resolve(BASE, ["sync.anchor=last"]).config.sync.anchor == "last"
+
+
+def test_resolved_spec_is_plain_yaml_and_json():
+    import json
+
+    data = resolve(BASE).to_container()
+    assert json.loads(json.dumps(data))["runtime"]["shard"] == "windows"
+    assert type(data["sync"]["anchor"]) is str and "!!python" not in OmegaConf.to_yaml(data)
+
+
+def test_extends_in_a_mapping_and_naming_another_plugin_than_the_default(tmp_path):
+    """A mapping follows ``extends`` as a file does; a spec naming another plugin than the schema's default keeps
+    none of the default's options (LPIPS' ``net: vgg`` would be an unknown value for the style loss)."""
+    (tmp_path / "base.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(BASE)))
+    r = resolve({"extends": str(tmp_path / "base.yaml"), "sync": {"weight": 3, "loss": {"name": "style"}}})
+    assert (r.config.canvas.width, r.config.sync.weight, r.config.sync.loss.net) == (1024, 3.0, "vgg16")

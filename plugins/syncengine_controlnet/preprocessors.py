@@ -184,7 +184,7 @@ def preprocessor_spec(value: Any, key: str) -> dict[str, Any] | None:
 
 def build_preprocessor(value: Any, key: str) -> Preprocessor | None:
     """Look the plugin up by name (an unknown name lists the available ones) and validate its options."""
-    from syncengine.config import typed_config as _typed  # the same validation (and messages) as every other plugin section
+    from syncengine.config import typed_config  # the same validation (and messages) as every other plugin section
 
     spec = preprocessor_spec(value, key)
     if spec is None:
@@ -196,7 +196,7 @@ def build_preprocessor(value: Any, key: str) -> Preprocessor | None:
         raise ConfigError(f"{key}.name", str(exc)) from None
     from omegaconf import OmegaConf
 
-    options = OmegaConf.to_object(_typed(cls.Config, spec, key))
+    options = OmegaConf.to_object(typed_config(cls.Config, spec, key))
     try:
         return cls(options)
     except ConfigError as exc:

@@ -23,13 +23,13 @@ def load_distance(section: dict[str, Any]):
     """A sync-loss plugin built from ``{"name": ..., **options}``, validated like a spec section."""
     from omegaconf import OmegaConf
 
-    from ..config import typed_config as _typed
+    from ..config import typed_config
     from ..registry import get
 
     section = dict(section)
     name = section.pop("name")
     cls = get("sync_loss", name)
-    options = OmegaConf.to_object(_typed(cls.Config, section, f"metric {name}"))
+    options = OmegaConf.to_object(typed_config(cls.Config, section, f"metric {name}"))
     require_cached_backbone(cls, options)
     return cls(options).eval()
 
