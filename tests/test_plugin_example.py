@@ -19,7 +19,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "syncen
 
 
 def install_by_entry_points(target: Path) -> dict:
-    """Install the example the way DESIGN.md documents for tests: a dist-info folder whose entry_points.txt is
+    """Install the example as pip would, without pip (fast, offline): a dist-info folder whose entry_points.txt is
     written from the package's own pyproject.toml, plus the package itself, in a folder put on sys.path."""
     project = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
     name, version = project["name"], project["version"]
