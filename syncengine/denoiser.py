@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import torch
 
 from .plugin import Plugin
-from .views import View
+from .views import CanvasSpec, View
+
+if TYPE_CHECKING:  # config and sampler import this module
+    from .config import ResolvedSpec
+    from .sampler import Request
 
 
 @dataclass(frozen=True)
@@ -30,9 +34,20 @@ class Step:
         return self.index / max(self.total, 1)
 
 
+class PromptEmbedding(NamedTuple):
+    """A prompt's text embeddings for classifier-free guidance, as the CFG families (SD and its kin) encode them.
+
+    Named so readers say which branch they take; still a tuple, so ``negative, positive = ...`` unpacks it.
+    """
+
+    negative: torch.Tensor  # the negative (unconditional) prompt's, ``[1, tokens, dim]``
+    positive: torch.Tensor  # the prompt's
+
+
 @dataclass
 class Conditioning:
-    """One view's text conditioning: opaque embeddings from :meth:`Denoiser.encode_prompt` plus its guidance scale."""
+    """One view's text conditioning: opaque embeddings from :meth:`Denoiser.encode_prompt` (a
+    :class:`PromptEmbedding` for the CFG families) plus its guidance scale."""
 
     embedding: Any
     guidance_scale: float
@@ -101,11 +116,11 @@ class Denoiser(Plugin):
             return self.decode(latents)
 
     @classmethod
-    def check_run(cls, spec: Any, views: Sequence[View]) -> None:
+    def check_run(cls, spec: ResolvedSpec, views: Sequence[View]) -> None:
         """Validation before any weights load, given the resolved spec and the tiler's views: a denoiser with needs
         on them (all views in one batch, cameras on every view) raises :class:`ConfigError` here. None by default."""
 
-    def prepare_request(self, request: Any, canvas: Any) -> None:
+    def prepare_request(self, request: Request, canvas: CanvasSpec) -> None:
         """Hook called once per request before sampling (e.g. to load and crop a condition image)."""
 
     def request_images(self) -> dict[str, torch.Tensor]:

@@ -14,6 +14,18 @@ from typing import Any
 import torch
 
 
+def plain(value: Any) -> Any:
+    """Request inputs as plain dicts and lists: they come from the spec as OmegaConf containers (possibly inside
+    dicts and lists), which plugins should not have to know about. Everything else is returned as it is."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
 @dataclass(frozen=True)
 class CanvasSpec:
     """Size of the canvas in pixels, and the latent geometry of the denoiser that will fill it."""

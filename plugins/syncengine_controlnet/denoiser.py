@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
 import torch
 
 from syncengine.denoiser import Step
 from syncengine.errors import ConfigError, SyncEngineError
-from syncengine.views import View
+from syncengine.views import CanvasSpec, View, plain
 from syncengine_sd.denoiser import StableDiffusionConfig, StableDiffusionDenoiser
 from syncengine_sd.loading import torch_device
 
 from .conditions import RESIZE_POLICIES, condition_crop, fit_to_canvas, load_image, request_sources, to_tensor
 from .loading import check_compatible, load_controlnet
 from .preprocessors import build_preprocessor
+
+if TYPE_CHECKING:
+    from syncengine.sampler import Request
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +77,6 @@ class ControlNetConfig(StableDiffusionConfig):
             build_preprocessor(unit.preprocessor, f"{key}.preprocessor")  # name and options, no weights
 
 
-def plain(value: Any) -> Any:
-    """OmegaConf containers (request inputs come from the spec) -> dicts and lists."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
-
-
 def control_scale(unit: ControlNetUnit, step: Step) -> float:
     """The unit's scale at this step: 0 outside [start, end] (diffusers' ``controlnet_keep``)."""
     i, n = step.index, max(step.total, 1)
@@ -128,7 +120,7 @@ class ControlNetDenoiser(StableDiffusionDenoiser):
 
     # ------------------------------------------------------------------------------------------------- conditions
 
-    def prepare_request(self, request: Any, canvas: Any) -> None:
+    def prepare_request(self, request: Request, canvas: CanvasSpec) -> None:
         """Load, preprocess and fit each ControlNet's condition image to the canvas (once per request)."""
         units = self.config.controlnets
         inputs = plain(getattr(request, "inputs", None) or {})

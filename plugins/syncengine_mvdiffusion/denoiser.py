@@ -11,18 +11,22 @@ present (a view alone is plain SD), exactly as the official model does for any n
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
-from syncengine.denoiser import Conditioning, Step
+from syncengine.denoiser import Conditioning, PromptEmbedding, Step
 from syncengine.errors import ConfigError
-from syncengine.views import View
+from syncengine.views import CanvasSpec, View, plain
 from syncengine_sd.denoiser import StableDiffusionConfig, StableDiffusionDenoiser
 
 from .correspondence import Camera
 from .loading import find_weights, load_blocks, load_official
 from .model import CorrespondenceBlocks, Plan, view_group
+
+if TYPE_CHECKING:
+    from syncengine.config import ResolvedSpec
+    from syncengine.sampler import Request
 
 NEIGHBOURS = ("ring", "all")
 
@@ -37,12 +41,6 @@ class MVDiffusionConfig(StableDiffusionConfig):
         super().__post_init__()
         if self.neighbors not in NEIGHBOURS:
             raise ConfigError("denoiser.neighbors", f"{self.neighbors!r} is not one of {', '.join(NEIGHBOURS)}")
-
-
-def _plain(value: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 class MVDiffusionDenoiser(StableDiffusionDenoiser):
@@ -66,7 +64,7 @@ class MVDiffusionDenoiser(StableDiffusionDenoiser):
         self.blocks.attach(self.unet)
         self._plans: dict[Any, Plan] = {}
         self._seen: tuple[int | None, set[int]] = (None, set())
-        self.view_prompts: dict[int, Any] = {}
+        self.view_prompts: dict[int, PromptEmbedding] = {}
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
@@ -76,16 +74,16 @@ class MVDiffusionDenoiser(StableDiffusionDenoiser):
 
     # ----------------------------------------------------------------------------------------------------- request
 
-    def prepare_request(self, request: Any, canvas: Any) -> None:
+    def prepare_request(self, request: Request, canvas: CanvasSpec) -> None:
         """Per-view prompts from ``requests[].inputs.view_prompts`` (one per view, in view order), encoded once."""
         self._seen = (None, set())
         self.view_prompts = {}
-        prompts = _plain((getattr(request, "inputs", None) or {}).get("view_prompts"))
+        prompts = plain((getattr(request, "inputs", None) or {}).get("view_prompts"))
         if prompts is None:
             return
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
             raise ConfigError("requests[].inputs.view_prompts", "must be a list of non-empty prompts, one per view")
-        cache: dict[str, Any] = {}
+        cache: dict[str, PromptEmbedding] = {}
         with torch.no_grad():
             for i, prompt in enumerate(prompts):
                 if prompt not in cache:
@@ -104,7 +102,7 @@ class MVDiffusionDenoiser(StableDiffusionDenoiser):
         return out
 
     @classmethod
-    def check_run(cls, spec: Any, views: Sequence[View]) -> None:
+    def check_run(cls, spec: ResolvedSpec, views: Sequence[View]) -> None:
         """Before any weights load: every view has a camera, all views fit one batch, and one process holds them."""
         if any("camera" not in v.context for v in views):
             raise ConfigError("tiler.name", "the mvdiffusion denoiser needs views with a camera; use the perspective "

@@ -39,13 +39,15 @@ class SlidingTiler(Tiler):
     def periodic_width(self) -> bool:
         return self.config.loop
 
-    def _sizes(self, canvas: CanvasSpec) -> tuple[int, int, int, int]:
+    def _sizes(self) -> tuple[int, int, int, int]:
+        """Window and stride in pixels, ``(window_h, window_w, stride_h, stride_w)``: the height ones default to
+        the width ones. Options only: the canvas does not enter."""
         c = self.config
         return (c.window_height or c.window, c.window, c.stride_height or c.stride, c.stride)
 
     def validate(self, canvas: CanvasSpec) -> None:
         f = canvas.latent_factor
-        win_h, win_w, st_h, st_w = self._sizes(canvas)
+        win_h, win_w, st_h, st_w = self._sizes()
         c = self.config
         keys = {"window": c.window, "stride": c.stride, "window_height": c.window_height, "stride_height": c.stride_height}
         for key, value in keys.items():
@@ -72,7 +74,7 @@ class SlidingTiler(Tiler):
     def views(self, canvas: CanvasSpec) -> list[CropView]:
         self.validate(canvas)
         f = canvas.latent_factor
-        win_h, win_w, st_h, st_w = (v // f for v in self._sizes(canvas))
+        win_h, win_w, st_h, st_w = (v // f for v in self._sizes())
         H, W = canvas.latent_height, canvas.latent_width
         rows = window_starts(H, win_h, st_h)
         cols = window_starts(W, win_w, st_w, loop=self.config.loop)

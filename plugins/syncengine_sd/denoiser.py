@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from syncengine.denoiser import Conditioning, Denoiser, Step
+from syncengine.denoiser import Conditioning, Denoiser, PromptEmbedding, Step
 from syncengine.errors import ConfigError
 from syncengine.schedulers import make_scheduler
 from syncengine.views import View
@@ -120,11 +120,11 @@ class StableDiffusionDenoiser(Denoiser):
     def make_scheduler(self, name: str, **options: Any):
         return make_scheduler(name, self.scheduler_config, **options)
 
-    def encode_prompt(self, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_prompt(self, prompt: str, negative_prompt: str = "") -> PromptEmbedding:
         positive, negative = self.pipe.encode_prompt(
             prompt, self.device, 1, True, negative_prompt=negative_prompt or None
         )
-        return negative, positive
+        return PromptEmbedding(negative=negative, positive=positive)
 
     def unet_forward(
         self, latents: torch.Tensor, step: Step, hidden: torch.Tensor, views: Sequence[View], cond_mask: torch.Tensor
@@ -138,11 +138,12 @@ class StableDiffusionDenoiser(Denoiser):
     ) -> torch.Tensor:
         x = latents.to(self.dtype)
         scales = torch.tensor([c.guidance_scale for c in conds], device=x.device, dtype=torch.float32)
-        positive = torch.cat([c.embedding[1] for c in conds])
+        embeds = [PromptEmbedding(*c.embedding) for c in conds]  # also accepts a hand-built (negative, positive)
+        positive = torch.cat([e.positive for e in embeds])
         if bool((scales <= 1).all()):  # no guidance: conditional branch only (as diffusers does)
             mask = torch.ones(len(conds), dtype=torch.bool, device=x.device)
             return self.unet_forward(x, step, positive, views, mask).float()
-        negative = torch.cat([c.embedding[0] for c in conds])
+        negative = torch.cat([e.negative for e in embeds])
         n = x.shape[0]
         mask = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)]).to(x.device)
         out = self.unet_forward(torch.cat([x, x]), step, torch.cat([negative, positive]), list(views) * 2, mask)
