@@ -91,7 +91,8 @@ def _variant_jobs(args, model: str, taesd: str, prefix: str, **common) -> list[d
 
 def run_job(job: dict[str, Any], verbose: bool) -> dict[str, Any]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", json.dumps(job)], capture_output=True, text=True,
                           env=env)
     for line in proc.stdout.splitlines():
@@ -328,7 +329,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="panoramas for the cheap speed rows (diffusers, weight 0, fast); times are the minimum")
     p.add_argument("--view-batch-size", type=int, default=4)
     p.add_argument("--memory-windows", type=int, nargs="+", default=[4, 8, 16])
-    p.add_argument("--memory-window", type=int, default=None, help="window px of the memory runs (default 128; --full 512)")
+    p.add_argument("--memory-window", type=int, default=None,
+                   help="window px of the memory runs (default 128; --full 512)")
     p.add_argument("--memory-stride", type=int, default=None, help="default: half the memory window")
     p.add_argument("--decode-widths", type=int, nargs="+", default=[2048, 8192])
     p.add_argument("--coherence-window", type=int, default=None, help="default 128; --full 512")

@@ -68,7 +68,8 @@ def _warm_up(unet, vae, hidden_dim: int) -> None:
     """First calls pay one-off costs (kernel selection, allocations): pay them before the clock starts."""
     device = unet.device
     with torch.no_grad():
-        unet(torch.zeros(2, 4, 64, 64, device=device), 500, encoder_hidden_states=torch.zeros(2, 77, hidden_dim, device=device))
+        text = torch.zeros(2, 77, hidden_dim, device=device)
+        unet(torch.zeros(2, 4, 64, 64, device=device), 500, encoder_hidden_states=text)
         vae.decode(torch.zeros(1, 4, 8, 8, device=device))
     _sync(device)
 
@@ -132,7 +133,8 @@ def syncengine_spec(job: dict[str, Any], seed: int, output_dir: str) -> dict[str
         "sampler": {"scheduler": "ddim", "steps": job["steps"], "guidance_scale": 7.5,
                     "view_batch_size": job["view_batch_size"]},
         "requests": [{"prompt": PROMPT, "seed": seed, "name": "bench"}],
-        "runtime": {"accelerator": torch.device(job["device"]).type, "devices": 1, "output_dir": output_dir, "progress": False,
+        "runtime": {"accelerator": torch.device(job["device"]).type, "devices": 1, "output_dir": output_dir,
+                    "progress": False,
                     "tiled_decode": bool(job.get("tiled_decode", False))},
     }
 

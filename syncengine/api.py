@@ -10,8 +10,8 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ResolvedSpec, apply_overrides, compose, parse_overrides, validate
-from .user_text import literal, literal_request
 from .errors import ConfigError, SyncEngineError
+from .user_text import literal, literal_request
 
 REQUEST_KEYS = {"prompt", "negative_prompt", "seed", "name", "inputs", "overrides"}
 

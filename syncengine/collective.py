@@ -45,7 +45,8 @@ class Collective:
         self.agreed = True
 
     def reset_stats(self) -> None:
-        """Zero the counters (at each :meth:`begin`), so a sidecar's ``stats`` count that request's collectives only. ``seconds_*`` is wall time inside the collective: transfer plus waiting for the
+        """Zero the counters (at each :meth:`begin`), so a sidecar's ``stats`` count that request's collectives only.
+        ``seconds_*`` is wall time inside the collective: transfer plus waiting for the
         slowest rank (load imbalance shows up there)."""
         self.stats = {"all_reduce_calls": 0, "all_reduce_bytes": 0, "broadcast_calls": 0, "broadcast_bytes": 0,
                       "agreement_calls": 0, "seconds_all_reduce": 0.0, "seconds_broadcast": 0.0}
@@ -114,7 +115,8 @@ class TorchDistributedCollective(Collective):
         if len({req for req, _, _ in everyone}) > 1:
             raise SyncEngineError(f"ranks are on different requests {[req for req, _, _ in everyone]}")
         if len({fp for _, fp, _ in everyone}) > 1:
-            raise SyncEngineError(f"ranks built different views (count, checksum per rank: {[fp for _, fp, _ in everyone]})"
+            prints = [fp for _, fp, _ in everyone]
+            raise SyncEngineError(f"ranks built different views (count, checksum per rank: {prints})"
                                   "; every node must see the same spec and input files")
 
     def owner_of(self, position: int, count: int) -> int:

@@ -18,8 +18,8 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import registry
-from .errors import ConfigError, SyncEngineError, one_line
 from .denoiser import Denoiser
+from .errors import ConfigError, SyncEngineError, one_line
 from .runtime_checks import check_runtime
 from .user_text import literal_override, literal_request
 from .views import CanvasSpec
@@ -82,7 +82,7 @@ class RuntimeConfig:
     num_nodes: int = 1
     precision: Optional[str] = None
     strategy: str = "auto"
-    shard: Literal["windows", "requests"] = "windows"  # "windows": all ranks work on one request; "requests": data parallel
+    shard: Literal["windows", "requests"] = "windows"  # "windows": ranks share each request; "requests": data parallel
     output_dir: str = "outputs"
     overwrite: bool = False  # replace existing outputs of the same name (default: add a numeric suffix)
     progress: bool = True
@@ -104,7 +104,9 @@ class Spec:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
-PLUGIN_SECTIONS: dict[str, str] = {"tiler": "tiler", "merger": "merger", "denoiser": "denoiser", "sync.loss": "sync_loss"}
+PLUGIN_SECTIONS: dict[str, str] = {
+    "tiler": "tiler", "merger": "merger", "denoiser": "denoiser", "sync.loss": "sync_loss",
+}
 
 
 @dataclass
@@ -521,7 +523,8 @@ def validate(raw: DictConfig | dict) -> ResolvedSpec:
     for key in ("height", "width"):
         value = c[key]
         _check(value > 0, f"canvas.{key}", f"must be positive, got {value}")
-        _check(value % factor == 0, f"canvas.{key}", f"{value} is not divisible by {factor}; use a multiple of {factor}")
+        _check(value % factor == 0, f"canvas.{key}",
+               f"{value} is not divisible by {factor}; use a multiple of {factor}")
     r = top.runtime
     _check(r.max_megapixels > 0, "runtime.max_megapixels", f"must be > 0, got {r.max_megapixels}")
     _check_canvas_size(c.height, c.width, r.max_megapixels)

@@ -177,8 +177,9 @@ def _plugin_section(kind: str, section: str) -> list[str]:
     default = next(f for f in dataclasses.fields(Spec) if f.name == section.split(".")[0]).default_factory()
     if section == "sync.loss":
         default = default.loss
+    group = "sync_losses" if kind == "sync_loss" else kind + "s"
     out = [f"## `{section}`", "", f"{_sentence(SECTION_MEANINGS[section])}. Default: `{json.dumps(default)}`.",
-           f"Plugins of kind `{kind}` (entry-point group `syncengine.{'sync_losses' if kind == 'sync_loss' else kind + 's'}`); "
+           f"Plugins of kind `{kind}` (entry-point group `syncengine.{group}`); "
            f"`{section}.name` picks one, the other keys are its options.", ""]
     for info in _builtin_plugins(kind):
         cls = info.load()
@@ -193,7 +194,7 @@ def _plugin_section(kind: str, section: str) -> list[str]:
 
 
 def generate() -> str:
-    from .config import RequestConfig, RuntimeConfig, SamplerConfig, SyncConfig, CanvasConfig
+    from .config import CanvasConfig, RequestConfig, RuntimeConfig, SamplerConfig, SyncConfig
 
     lines = [
         "# Spec reference",
@@ -209,7 +210,8 @@ def generate() -> str:
         "",
     ]
     for name, cls in (("canvas", CanvasConfig),):
-        lines += [f"## `{name}`", "", f"{_sentence(SECTION_MEANINGS[name])}.", ""] + _table(field_rows(cls, f"{name}.")) + [""]
+        lines += [f"## `{name}`", "", f"{_sentence(SECTION_MEANINGS[name])}.", ""]
+        lines += _table(field_rows(cls, f"{name}.")) + [""]
     lines += _plugin_section("tiler", "tiler")
     lines += _plugin_section("merger", "merger")
     lines += _plugin_section("denoiser", "denoiser")

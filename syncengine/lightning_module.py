@@ -3,7 +3,8 @@
 ``runtime.shard``:
 - ``windows``: every rank runs every request and owns a share of its views; the sampler all-reduces the merged
   sums once per step (``TorchDistributedCollective``). Rank 0 writes.
-- ``requests``: rank r runs requests r, r+W, r+2W... (no padding, so nothing is duplicated or missing) and writes its own.
+- ``requests``: rank r runs requests r, r+W, r+2W... (no padding, so nothing is duplicated or missing) and writes its
+  own.
 After ``Trainer.predict`` the ranks gather their summaries, so rank 0 reports every output and failure; the other
 ranks report nothing and exit 0 (Lightning's launcher kills every process when a child exits non-zero).
 The Trainer runs with ``inference_mode=False`` because the sync step needs gradients. Multi-process runs need a

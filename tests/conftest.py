@@ -37,7 +37,8 @@ def torch_home(tmp_path_factory) -> Path:
     ckpt = home / "hub" / "checkpoints"
     ckpt.mkdir(parents=True)
     torch.manual_seed(0)
-    for builder, weights in ((tvm.vgg16, tvm.VGG16_Weights.IMAGENET1K_V1), (tvm.alexnet, tvm.AlexNet_Weights.IMAGENET1K_V1)):
+    models = ((tvm.vgg16, tvm.VGG16_Weights.IMAGENET1K_V1), (tvm.alexnet, tvm.AlexNet_Weights.IMAGENET1K_V1))
+    for builder, weights in models:
         torch.save(builder(weights=None).state_dict(), ckpt / Path(weights.url).name)
     return home
 

@@ -63,7 +63,7 @@ def test_bad_input_exits_2_with_one_line(spec_file, capsys, args, needle):
     code = main(["generate", str(path), *args])
     err = capsys.readouterr().err
     assert code == 2
-    line = [l for l in err.splitlines() if l.startswith("error:") or l.startswith("failed")]
+    line = [s for s in err.splitlines() if s.startswith("error:") or s.startswith("failed")]
     assert line and needle in line[0] and "Traceback" not in err
 
 

@@ -25,7 +25,8 @@ def _err(spec, overrides=()):
 def test_defaults_are_the_paper_settings():
     r = resolve(BASE)
     c = r.config
-    assert (c.sync.weight, c.sync.decay, c.sync.anchor, c.sync.loss.name, c.sync.loss.net) == (20.0, 0.95, "center", "lpips", "vgg")
+    sync = (c.sync.weight, c.sync.decay, c.sync.anchor, c.sync.loss.name, c.sync.loss.net)
+    assert sync == (20.0, 0.95, "center", "lpips", "vgg")
     assert (c.tiler.name, c.tiler.window, c.tiler.stride) == ("sliding", 512, 128)
     assert (c.sampler.scheduler, c.sampler.steps, c.sampler.guidance_scale) == ("ddim", 50, 7.5)
     assert r.plugin_configs["tiler"].window == 512  # typed plugin options
@@ -64,7 +65,8 @@ def test_wrong_type_message():
 
 
 def test_duplicate_request_names_and_empty_prompt():
-    assert _err({**BASE, "requests": [{"prompt": "a", "name": "x"}, {"prompt": "b", "name": "x"}]}).key == "requests.1.name"
+    twice = [{"prompt": "a", "name": "x"}, {"prompt": "b", "name": "x"}]
+    assert _err({**BASE, "requests": twice}).key == "requests.1.name"
     assert _err({**BASE, "requests": [{"prompt": ""}]}).key == "requests.0.prompt"
 
 

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from _controlnet_helpers import (  # noqa: F401  (fixtures)
     controlnet_spec,
     coordinate_image,
@@ -15,6 +14,7 @@ from _controlnet_helpers import (  # noqa: F401  (fixtures)
     tiny_controlnet,
     tiny_controlnet_b,
 )
+
 from syncengine.config import resolve
 from syncengine.errors import SyncEngineError
 from syncengine.pipeline import Pipeline
@@ -42,7 +42,7 @@ def _coordinates(crop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # loop: windows every 32 px all around; the last one covers 128..159 then 0..31
         ((64, 160), {"window": 64, "stride": 32, "loop": True}, [(0, 0), (0, 32), (0, 64), (0, 96), (0, 128)]),
         # 2D grid: 128x160 px -> tops 0, 32, 64 x lefts 0, 32, 64, 96, row by row
-        ((128, 160), {"window": 64, "stride": 32}, [(t, l) for t in (0, 32, 64) for l in (0, 32, 64, 96)]),
+        ((128, 160), {"window": 64, "stride": 32}, [(t, x) for t in (0, 32, 64) for x in (0, 32, 64, 96)]),
     ],
     ids=["sliding", "loop", "grid"],
 )
@@ -101,7 +101,8 @@ def test_unsupported_view_type_is_a_clear_error(tiny_sd, tiny_controlnet, tmp_pa
     from syncengine_controlnet.denoiser import ControlNetConfig, ControlNetDenoiser, ControlNetUnit
     from syncengine_spherical.views import ProjectedView
 
-    den = ControlNetDenoiser(ControlNetConfig(pretrained=str(tiny_sd), controlnets=[ControlNetUnit(str(tiny_controlnet))]))
+    units = [ControlNetUnit(str(tiny_controlnet))]
+    den = ControlNetDenoiser(ControlNetConfig(pretrained=str(tiny_sd), controlnets=units))
     den.prepare_request(Request("x", inputs={"control": str(random_image(tmp_path / "c.png", 64, 128))}),
                         CanvasSpec(64, 128))
     view = ProjectedView(0, grid=torch.zeros(1, 8, 8, 2))
@@ -218,7 +219,8 @@ def test_region_layout_views_get_their_boxes(tiny_sd, tiny_controlnet, tmp_path)
     from syncengine_controlnet.denoiser import ControlNetConfig, ControlNetDenoiser, ControlNetUnit
     from syncengine_mergers.weighted import AverageMerger
 
-    den = ControlNetDenoiser(ControlNetConfig(pretrained=str(tiny_sd), controlnets=[ControlNetUnit(str(tiny_controlnet))]))
+    units = [ControlNetUnit(str(tiny_controlnet))]
+    den = ControlNetDenoiser(ControlNetConfig(pretrained=str(tiny_sd), controlnets=units))
     canvas = CanvasSpec(64, 160)
     image = coordinate_image(tmp_path / "coords.png", 64, 160)
     request = Request("a landscape", inputs={"control": str(image)})

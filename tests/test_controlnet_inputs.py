@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _controlnet_helpers import controlnet_spec, coordinate_image, random_image, tiny_controlnet  # noqa: F401
+
 from syncengine.config import resolve
 from syncengine.errors import ConfigError, ModelNotFoundError, SyncEngineError
 from syncengine.pipeline import Pipeline
@@ -280,7 +280,8 @@ def test_canny_preset_validates_and_runs_shrunk_on_tiny_models(tiny_sd, tiny_con
     preset = resolve("controlnet-canny")
     den = preset.config.denoiser
     assert (preset.config.canvas.height, preset.config.canvas.width) == (512, 2048)
-    assert den.controlnets[0].model == "lllyasviel/sd-controlnet-canny" and den.controlnets[0].preprocessor.name == "canny"
+    unit = den.controlnets[0]
+    assert unit.model == "lllyasviel/sd-controlnet-canny" and unit.preprocessor.name == "canny"
 
     photo = random_image(tmp_path / "photo.png", 16, 64)  # the preset's 4:1 aspect ratio
     raw = compose("controlnet-canny", [

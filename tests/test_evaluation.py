@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from _evaluation_helpers import TinyFeatures, build_tiny_clip, tiled, write_panorama
+
 from syncengine.errors import ModelNotFoundError, SyncEngineError
 from syncengine.evaluation import metrics as M
 from syncengine.evaluation.crops import grid_crops, pairs, random_crops
@@ -279,8 +279,9 @@ def test_cli_named_metric_with_missing_input_exits_2(tmp_path, capsys):
 
 def test_torchvision_inception_loads_from_the_torch_cache(tmp_path, monkeypatch):
     """Random weights saved under torchvision's file name go through the real loading path (no download)."""
-    import torchvision.models as tvm
     from pathlib import Path
+
+    import torchvision.models as tvm
 
     from syncengine.evaluation.features import TorchvisionInception, extract
 

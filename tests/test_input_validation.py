@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 from syncengine.api import resolve_run
 from syncengine.cli import main
 from syncengine.config import request_spec, resolve, validate
-from syncengine.user_text import literal
 from syncengine.errors import ConfigError, SyncEngineError
 from syncengine.pipeline import requests_of
+from syncengine.user_text import literal
 
 BASE = {
     "canvas": {"height": 512, "width": 1024},

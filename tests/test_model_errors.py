@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _controlnet_helpers import tiny_controlnet  # noqa: F401 - a fixture
+
 from syncengine.errors import ConfigError, ModelNotFoundError, SyncEngineError
 from syncengine_sd.denoiser import StableDiffusionConfig, StableDiffusionDenoiser
 from syncengine_sd.loading import TINY_MODEL
@@ -140,10 +140,9 @@ def test_damaged_file_in_the_hub_cache_is_named(tiny_sd, tmp_path, monkeypatch, 
 @pytest.fixture(scope="module")
 def ldm_file(tiny_sd, tmp_path_factory) -> Path:
     """The tiny model as one valid original-format (LDM) .safetensors checkpoint."""
+    from _ldm_checkpoint import pipeline_to_ldm
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
-
-    from _ldm_checkpoint import pipeline_to_ldm
 
     path = tmp_path_factory.mktemp("single") / "tiny-sd.safetensors"
     save_file(pipeline_to_ldm(StableDiffusionPipeline.from_pretrained(str(tiny_sd))), str(path))

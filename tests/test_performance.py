@@ -142,7 +142,8 @@ def test_cost_model_closed_form(cost_model):
     c = cost_model.panorama_costs(views=13, steps=50, view_batch_size=4, sync_batch_size=None)
     # 13 views: denoise 13/step, anchor + 12 synced views on each of 50 sync steps; view batches 4,4,4,1 with the
     # anchor (view 6) in the second: chunks 4 + 3 + 4 + 1 -> 4 backward passes per step
-    assert (c.unet_rows, c.unet_rows_with_grad, c.sync_decodes, c.backward_calls) == (2 * 26 * 50, 2 * 12 * 50, 650, 200)
+    counts = (c.unet_rows, c.unet_rows_with_grad, c.sync_decodes, c.backward_calls)
+    assert counts == (2 * 26 * 50, 2 * 12 * 50, 650, 200)
     assert cost_model.panorama_costs(13, 50, 4, 1).backward_calls == 12 * 50
     assert cost_model.sync_steps(50, 20.0, every=1, until=5) == [0, 1, 2, 3, 4]
     assert cost_model.sync_steps(10, 20.0, every=3) == [2, 5, 8]

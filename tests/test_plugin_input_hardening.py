@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _evaluation_helpers import tiled, write_panorama
 from PIL import Image
 
-from _evaluation_helpers import tiled, write_panorama
 from syncengine.cli import main
 from syncengine.errors import ConfigError, SyncEngineError
 
@@ -260,8 +260,9 @@ def test_evaluate_skips_damaged_images_with_one_line_each(tmp_path, caplog):
 
 
 def test_evaluate_skips_damaged_reference_images_and_fails_on_a_folder_with_none_readable(tmp_path, capsys):
-    from syncengine.evaluation import EvalOptions, evaluate
     from _evaluation_helpers import TinyFeatures
+
+    from syncengine.evaluation import EvalOptions, evaluate
 
     run, ref = _run(tmp_path / "a"), _run(tmp_path / "ref", 3)
     damaged(ref / "000.png", "ztxt")
@@ -343,8 +344,8 @@ def test_a_cached_clip_hub_id_loads_from_the_cache_folder_without_the_network(tm
     """A hub id is resolved to its snapshot folder on disk; transformers never sees the id (it would reach the hub
     for request headers even with local_files_only)."""
     import huggingface_hub.constants
-
     from _evaluation_helpers import build_tiny_clip
+
     from syncengine.evaluation.clip import ClipScorer
 
     repo = tmp_path / "hub" / "models--someone--tiny-clip"

@@ -14,14 +14,15 @@ from syncengine.cli import main
 from syncengine.config import resolve
 from syncengine.denoiser import Step
 from syncengine.pipeline import Pipeline
-from syncengine.views import CanvasSpec, CropView, InputContext
+from syncengine.views import CropView, InputContext
 from syncengine_regions.layouts import demo_layout
 from syncengine_regions.views import Backgrounds, RegionView
 
 
 def regions_spec(tiny_spec, regions=None, sampler=None, sync=None, **tiler):
     options = {"name": "regions", "window": 64, "stride": 32, "regions": regions or [], **tiler}
-    return tiny_spec(tiler=options, sampler={"view_batch_size": 4, **(sampler or {})}, **({"sync": sync} if sync else {}))
+    sampler = {"view_batch_size": 4, **(sampler or {})}
+    return tiny_spec(tiler=options, sampler=sampler, **({"sync": sync} if sync else {}))
 
 
 def latents(spec) -> torch.Tensor:
@@ -181,7 +182,7 @@ def test_bad_input_exits_2_with_one_line(tiny_spec, tmp_path, layout_file, capsy
     code = main(["generate", str(path)])
     err = capsys.readouterr().err
     assert code == 2, err
-    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    lines = [s for s in err.splitlines() if s.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
 
 

@@ -86,7 +86,8 @@ def test_feather_is_a_gaussian_blur_in_pixels():
     assert torch.equal(feather(step, 0.0), step)
     # on a loop canvas the blur continues across the seam
     wrapped = feather(step, sigma, wrap=True)
-    assert wrapped[0, 0] < 0.99 and wrapped[0, -1] > 0.01 and torch.allclose(wrapped[0].roll(W // 2), 1 - wrapped[0], atol=1e-6)
+    assert wrapped[0, 0] < 0.99 and wrapped[0, -1] > 0.01
+    assert torch.allclose(wrapped[0].roll(W // 2), 1 - wrapped[0], atol=1e-6)
 
 
 def test_latent_weights_are_the_area_mean_of_each_latent():
@@ -151,7 +152,8 @@ def test_background_prompt_and_region_options_reach_the_view_context():
     views = t.views(CanvasSpec(H, W))
     bg = [v for v in views if v.context.get("sync_group") == "background"]
     region = [v for v in views if "region" in v.context]
-    assert len(bg) == 3 and all(v.context["prompt"] == "a garden" and v.context["negative_prompt"] == "text" for v in bg)
+    assert len(bg) == 3
+    assert all(v.context["prompt"] == "a garden" and v.context["negative_prompt"] == "text" for v in bg)
     assert len(region) == 1 and region[0].context == {"prompt": "a cat", "sync_group": None, "region": 0,
                                                       "negative_prompt": "blur", "guidance_scale": 3.0}
 
@@ -164,7 +166,8 @@ def test_layout_shorthand_expands_to_one_region_per_colour(tmp_path):
     assert [r.config.prompt for r in regions] == ["balloon", "meadow", "lake"]
     assert torch.equal(regions[0].pixels, load_mask(MaskConfig(layout=path, color="#ff0000"), H, W, "k"))
     with pytest.raises(ConfigError, match="has no prompt"):
-        RegionsTiler(RegionsConfig(window=64, stride=32, layout=path, prompts={"#ff0000": "balloon"})).validate(CanvasSpec(H, W))
+        config = RegionsConfig(window=64, stride=32, layout=path, prompts={"#ff0000": "balloon"})
+        RegionsTiler(config).validate(CanvasSpec(H, W))
 
 
 def test_sync_groups_background_and_syncing_regions_each_get_an_anchor():

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -133,7 +132,7 @@ def test_stop_signal_keeps_finished_images_and_exits_128_plus_signal(tiny_spec, 
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == code, stderr
-    line = [l for l in stderr.splitlines() if l.startswith("interrupted by")]
+    line = [s for s in stderr.splitlines() if s.startswith("interrupted by")]
     assert line and signal.Signals(signum).name in line[0] and "first.png" in line[0], stderr
     assert "Traceback" not in stderr and f"wrote {out / 'first.png'}" in stdout
     meta = json.loads((out / "first.json").read_text())
@@ -210,7 +209,7 @@ def test_unusable_output_dir_is_one_line_before_models_load(tiny_spec, tmp_path,
     path, _ = _write_spec(tiny_spec, tmp_path, runtime={"output_dir": str(target)})
     assert main(["generate", str(path)]) == 2
     err = capsys.readouterr().err
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = [s for s in err.splitlines() if s.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: runtime.output_dir") and needle in lines[0], err
     assert _debris(target) == []
 
@@ -231,7 +230,7 @@ def test_disk_full_while_writing_a_sidecar_leaves_nothing_and_the_run_goes_on(ti
     monkeypatch.setattr(outputs, "_write_json", write_json)
     assert main(["generate", str(path)]) == 2
     err = capsys.readouterr().err
-    failed = [l for l in err.splitlines() if l.startswith("failed full:")]
+    failed = [s for s in err.splitlines() if s.startswith("failed full:")]
     assert failed and "disk full" in failed[0] and "Traceback" not in err
     assert "1 written, 1 failed" in err
     assert sorted(p.name for p in out.iterdir()) == ["fine.json", "fine.png"]  # no PNG without JSON, no temp file

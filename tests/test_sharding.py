@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from _tolerance import FLOOR, REORDER_ULPS, LastBitJitter
+
 from syncengine.collective import Collective
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,7 +150,8 @@ def assert_same_output(one: Path, two: Path, jitter: Path, name: str) -> dict:
     tolerance = max(FLOOR, REORDER_ULPS * sensitivity)
     got = latent_distance(one / f"{name}.latents.pt", two / f"{name}.latents.pt")
     if os.environ.get("SYNCENGINE_TEST_REPORT"):
-        print(f"\n{name}: sharded {got:.3g}, one-ulp sensitivity {sensitivity:.3g}, ratio {got / max(sensitivity, 1e-30):.2f}")
+        ratio = got / max(sensitivity, 1e-30)
+        print(f"\n{name}: sharded {got:.3g}, one-ulp sensitivity {sensitivity:.3g}, ratio {ratio:.2f}")
     assert got <= tolerance, f"{name}: latents differ by {got:.3g} > {REORDER_ULPS} x {sensitivity:.3g} (one ulp)"
     levels = png_levels(one / f"{name}.png", two / f"{name}.png")
     allowed = 1 + REORDER_ULPS * png_levels(one / f"{name}.png", jitter / f"{name}.png")

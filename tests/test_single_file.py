@@ -7,11 +7,10 @@ is cut off in these tests, so anything that tried the hub would fail.
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
-
 from _ldm_checkpoint import pipeline_to_ldm
+
 from syncengine.denoiser import Conditioning, Step
 from syncengine.errors import ModelNotFoundError
 from syncengine_sd.denoiser import StableDiffusionConfig, StableDiffusionDenoiser
@@ -65,10 +64,9 @@ def test_original_format_names_and_diffusers_conversion_inverts_it(folder_denois
 def test_conversion_inverts_diffusers_for_other_layouts():
     """Layouts the tiny model lacks: two layers per block, an up block with attention AND an upsampler, VAE channel
     changes (shortcut convs)."""
+    from _ldm_checkpoint import unet_to_ldm, vae_to_ldm
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-
-    from _ldm_checkpoint import unet_to_ldm, vae_to_ldm
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(

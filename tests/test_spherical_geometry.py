@@ -9,7 +9,8 @@ from syncengine_spherical.views import ProjectedView
 
 def test_known_direction_lands_at_expected_pixel():
     # 90° fov, 64 px: a direction 45° to the right of the view axis is the right image edge.
-    d = g.lonlat_to_direction(torch.tensor(math.radians(30.0), dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64))
+    lon, lat = torch.tensor(math.radians(30.0), dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    d = g.lonlat_to_direction(lon, lat)
     u, v = g.perspective_pixel(d, 64, 64, 90.0, yaw_deg=30.0, pitch_deg=0.0)
     assert abs(u - 32) < 1e-9 and abs(v - 32) < 1e-9
     u, v = g.perspective_pixel(d, 64, 64, 90.0, yaw_deg=0.0, pitch_deg=0.0)

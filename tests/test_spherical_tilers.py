@@ -29,7 +29,8 @@ def test_perspective_ring_and_cubemap_views():
 
 
 @pytest.mark.parametrize("tiler", [CubemapTiler(CubemapTiler.Config(window=128)),
-                                   PerspectiveTiler(PerspectiveTiler.Config(window=128, poles=True, pitches=[-30, 30]))])
+                                   PerspectiveTiler(PerspectiveTiler.Config(window=128, poles=True,
+                                                                            pitches=[-30, 30]))])
 def test_merger_weights_normalise_over_the_sphere(tiler):
     # Each view reads a constant canvas; merging those reads with the merger's weights gives the constant back at
     # every position: the adjoint scatter of the weights is exactly the normaliser.

@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 import torch
-
 from _tolerance import assert_reordered_close, reorder_tolerance
+
 from syncengine.collective import Collective, balanced_slices
 from syncengine.config import resolve
 from syncengine.denoiser import Conditioning, Step
@@ -64,7 +64,6 @@ def _reference_synctweedies(den, views, noise, steps, prompt, guidance):
         a_prev = ac[prev] if prev >= 0 else ac[0]  # SD's set_alpha_to_one=False
         num = torch.zeros(1, 4, *canvas_hw, dtype=torch.float64)
         weight = torch.zeros(1, 1, *canvas_hw, dtype=torch.float64)
-        x0s = []
         for v, x in zip(views, xs):
             with torch.no_grad():
                 eps = den.predict(x.float(), Step(i, steps, t), [cond], [v]).double()
@@ -124,7 +123,8 @@ def test_projected_noise_variance_for_both_targets(tiny_spec):
     # x_t merging projects the canvas noise bilinearly: the views see variance ~0.5 (off-distribution for the
     # model). x0 merging gives each view its own x_t, initialised by a nearest projection: variance ~1.
     ring = {**RING, "window": 64}
-    spec = _ring_spec(tiny_spec, ring, canvas={"height": 128, "width": 256}, sampler={"steps": 1, "view_batch_size": 10})
+    spec = _ring_spec(tiny_spec, ring, canvas={"height": 128, "width": 256},
+                      sampler={"steps": 1, "view_batch_size": 10})
     xt = _first_step_inputs({**spec, "merger": {"name": "average", "target": "xt"}})
     x0 = _first_step_inputs({**spec, "merger": {"name": "average", "target": "x0"}})
     assert xt.shape == x0.shape == (10, 4, 8, 8)
@@ -222,7 +222,8 @@ def test_one_view_with_weight_zero_is_a_plain_generation(tiny_spec, tiny_sd, tar
     # text-to-image generation of that view from its projected noise (diffusers' pipeline as the reference).
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    one = {"name": "perspective", "window": 64, "fov": 60, "views_per_ring": 1, "pitches": [20.0], "sampling": "nearest"}
+    one = {"name": "perspective", "window": 64, "fov": 60, "views_per_ring": 1, "pitches": [20.0],
+           "sampling": "nearest"}
     spec = _ring_spec(tiny_spec, one, canvas={"height": 256, "width": 512}, sampler={"steps": 3, "view_batch_size": 1},
                       merger={"name": "average", "target": target})
     resolved = resolve(spec)

@@ -25,7 +25,8 @@ def _coverage(views, canvas):
     return count
 
 
-@pytest.mark.parametrize("height,width,loop", [(512, 3072, False), (512, 1000, False), (1024, 1536, False), (512, 2048, True)])
+@pytest.mark.parametrize("height,width,loop",
+                         [(512, 3072, False), (512, 1000, False), (1024, 1536, False), (512, 2048, True)])
 def test_views_cover_canvas(height, width, loop):
     canvas = CanvasSpec(height, width)
     views = SlidingTiler(SlidingConfig(window=512, stride=128, loop=loop)).views(canvas)

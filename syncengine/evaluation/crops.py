@@ -48,4 +48,4 @@ def random_crops(
         raise SyncEngineError(f"image of {H}x{W} px is smaller than the {wh}x{window} px window; set --window")
     tops = torch.randint(0, H - wh + 1, (count,), generator=generator)
     lefts = torch.randint(0, W - window + 1, (count,), generator=generator)
-    return torch.stack([image[:, t : t + wh, l : l + window] for t, l in zip(tops.tolist(), lefts.tolist())])
+    return torch.stack([image[:, t : t + wh, left : left + window] for t, left in zip(tops.tolist(), lefts.tolist())])

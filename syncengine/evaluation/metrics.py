@@ -144,7 +144,8 @@ class GIQAModel:
         data = np.load(path)
         missing = {"weights", "means", "covariances"} - set(data.files)
         if missing:
-            raise SyncEngineError(f"GIQA model {path} lacks arrays {sorted(missing)}; it needs weights, means, covariances")
+            raise SyncEngineError(f"GIQA model {path} lacks arrays {sorted(missing)}; "
+                                  "it needs weights, means, covariances")
         return cls(*(torch.from_numpy(data[k]) for k in ("weights", "means", "covariances")))
 
     def log_likelihood(self, features: torch.Tensor) -> torch.Tensor:

@@ -114,7 +114,8 @@ class _Models:
 
         def build():
             if not self.options.reference:
-                raise SyncEngineError("FID and KID need --reference FOLDER (real or base-model images of the window size)")
+                raise SyncEngineError("FID and KID need --reference FOLDER "
+                                      "(real or base-model images of the window size)")
             images = _readable(image_files(Path(self.options.reference)), self.options.reference)[0]
             return torch.cat([extract(self.features(), img[None]) for img in images])
 
