@@ -53,8 +53,9 @@ class View(ABC):
 
     ``context`` holds per-view inputs that some denoisers need. Keys used by the built-ins: ``prompt``,
     ``negative_prompt`` and ``guidance_scale`` (the view's own, replacing the request's: regions), ``control``
-    (condition crops, for ControlNet), ``camera`` (for multi-view denoisers), ``sync_group``. ``weight`` is the view's own weight in window space (a region mask, a density
-    correction); ``None`` means all ones. Mergers multiply it with their own weighting.
+    (condition crops, for ControlNet), ``camera`` (for multi-view denoisers), ``sync_group``. ``weight`` is the
+    view's own weight in window space (a region mask, a density correction); ``None`` means all ones. Mergers
+    multiply it with their own weighting.
     """
 
     index: int

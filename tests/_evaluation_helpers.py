@@ -31,8 +31,9 @@ def tiled(tile: torch.Tensor, n: int) -> torch.Tensor:
 
 def build_tiny_clip(path: Path) -> Path:
     """A random-weight CLIP with a byte-level tokenizer, saved with save_pretrained (never downloaded)."""
-    from syncengine_sd.tiny import tiny_tokenizer
     from transformers import CLIPConfig, CLIPModel
+
+    from syncengine_sd.tiny import tiny_tokenizer
 
     tokenizer = tiny_tokenizer(path / "tok-src")
     torch.manual_seed(0)

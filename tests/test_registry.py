@@ -44,7 +44,8 @@ def test_third_party_plugin_is_found_and_loaded_lazily(tmp_path, monkeypatch):
         "from syncengine_panorama.sliding import SlidingTiler\n"
         "class MyTiler(SlidingTiler):\n    pass\n"
     )
-    _fake_distribution(tmp_path, "my_plugins", "my_plugins_mod", "syncengine.tilers", {"mine": "my_plugins_mod:MyTiler"}, body)
+    entry = {"mine": "my_plugins_mod:MyTiler"}
+    _fake_distribution(tmp_path, "my_plugins", "my_plugins_mod", "syncengine.tilers", entry, body)
     monkeypatch.syspath_prepend(str(tmp_path))
     assert "mine" in registry.names("tiler")
     assert "my_plugins_mod" not in sys.modules  # listing does not import

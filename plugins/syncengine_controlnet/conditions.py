@@ -24,7 +24,8 @@ def load_image(path: str | Path, what: str, canvas_pixels: int = 0):
     :func:`syncengine.images.open_image`: missing, not an image, damaged, or too large for the canvas)."""
     p = Path(str(path)).expanduser()
     if not p.is_file():
-        raise SyncEngineError(f"{what}: image file {str(path)!r} not found (paths are relative to the working directory)")
+        raise SyncEngineError(f"{what}: image file {str(path)!r} not found "
+                              "(paths are relative to the working directory)")
     return open_image(p, lambda image: image.convert("RGB"), canvas_pixels,
                       lambda message: SyncEngineError(f"{what}: {message}"))
 

@@ -171,7 +171,8 @@ class ControlNetDenoiser(StableDiffusionDenoiser):
             if scale == 0.0:  # exactly the model without this ControlNet (and no wasted forward)
                 continue
             guess = bool(self.config.guess_mode or net.config.get("global_pool_conditions", False))
-            rows = torch.nonzero(cond_mask).flatten() if guess else torch.arange(latents.shape[0], device=latents.device)
+            every = torch.arange(latents.shape[0], device=latents.device)
+            rows = torch.nonzero(cond_mask).flatten() if guess else every
             if rows.numel() == 0:
                 continue
             row_views = [views[int(r)] for r in rows]
@@ -185,9 +186,11 @@ class ControlNetDenoiser(StableDiffusionDenoiser):
                 return_dict=False,
             )
             if rows.numel() != latents.shape[0]:  # unconditional rows get zero residuals (diffusers' guess mode)
-                d = [torch.zeros((latents.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device).index_copy(0, rows, x)
-                     for x in d]
-                m = torch.zeros((latents.shape[0], *m.shape[1:]), dtype=m.dtype, device=m.device).index_copy(0, rows, m)
+                def spread(x: torch.Tensor) -> torch.Tensor:
+                    full = torch.zeros((latents.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+                    return full.index_copy(0, rows, x)
+
+                d, m = [spread(x) for x in d], spread(m)
             down = list(d) if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         if down is None:

@@ -25,7 +25,8 @@ def load_controlnet(ref: str, key: str, dtype: torch.dtype, revision: str | None
     from diffusers import ControlNetModel
 
     if not ref:
-        raise ConfigError(key, f"missing: name a ControlNet (hub id such as {EXAMPLE}, a folder or a .safetensors file)")
+        raise ConfigError(key, f"missing: name a ControlNet (hub id such as {EXAMPLE}, a folder or a .safetensors "
+                               "file)")
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
     path = Path(ref).expanduser()
     with warnings.catch_warnings():

@@ -86,14 +86,16 @@ class AuxPreprocessor(Preprocessor):
     def __init__(self, config: AuxConfig | None = None):
         super().__init__(config)
         if self.config.detect_resolution < 64:
-            raise ConfigError("preprocessor.detect_resolution", f"must be >= 64 px, got {self.config.detect_resolution}")
+            raise ConfigError("preprocessor.detect_resolution",
+                              f"must be >= 64 px, got {self.config.detect_resolution}")
         self.model = None
 
     def load(self, device: Any = "cpu") -> None:
         try:
             import controlnet_aux
         except ImportError as exc:
-            raise SyncEngineError(f"preprocessor {self.detector} needs controlnet_aux: pip install controlnet_aux ({exc})")
+            raise SyncEngineError(f"preprocessor {self.detector} needs controlnet_aux: "
+                                  f"pip install controlnet_aux ({exc})")
         ref = self.config.pretrained
         try:
             model = getattr(controlnet_aux, self.detector).from_pretrained(ref)
@@ -179,7 +181,8 @@ def preprocessor_spec(value: Any, key: str) -> dict[str, Any] | None:
         return {"name": value}
     if isinstance(value, dict) and isinstance(value.get("name"), str):
         return dict(value)
-    raise ConfigError(key, f"give a preprocessor name (e.g. canny) or a mapping with a name and its options, got {value!r}")
+    raise ConfigError(key, "give a preprocessor name (e.g. canny) or a mapping with a name and its options, "
+                           f"got {value!r}")
 
 
 def build_preprocessor(value: Any, key: str) -> Preprocessor | None:

@@ -4,9 +4,10 @@ All views of one ``predict`` call are denoised jointly: per classifier-free-guid
 features attend (correspondence-aware attention, :mod:`.model`) to its neighbours' features around the pixels that
 the rotation-only homographies (:mod:`.correspondence`) pair with its own. That makes a view's prediction depend on
 the other views in its batch, so the sampler must hand over all views of a request at once
-(``sampler.view_batch_size`` >= number of views; checked by ``check_run`` before loading, and on the first step). A batch with a subset of the views —
-the SyncDiffusion step decodes the anchor alone and the other views together — runs the attention among the views
-present (a view alone is plain SD), exactly as the official model does for any number of views.
+(``sampler.view_batch_size`` >= number of views; checked by ``check_run`` before loading, and on the first step).
+A batch with a subset of the views — the SyncDiffusion step decodes the anchor alone and the other views together —
+runs the attention among the views present (a view alone is plain SD), exactly as the official model does for any
+number of views.
 """
 from __future__ import annotations
 
@@ -109,8 +110,9 @@ class MVDiffusionDenoiser(StableDiffusionDenoiser):
                                             "tiler")
         c = spec.config
         if int(c.sampler.view_batch_size) < len(views):
-            raise ConfigError("sampler.view_batch_size", f"is {c.sampler.view_batch_size}, but the mvdiffusion denoiser "
-                              f"needs all {len(views)} views of a request in one batch; set it to {len(views)}")
+            raise ConfigError("sampler.view_batch_size", f"is {c.sampler.view_batch_size}, but the mvdiffusion "
+                              f"denoiser needs all {len(views)} views of a request in one batch; "
+                              f"set it to {len(views)}")
         r = c.runtime
         devices = r.devices
         many = (isinstance(devices, int) and devices > 1) or (not isinstance(devices, (int, str)) and len(devices) > 1)

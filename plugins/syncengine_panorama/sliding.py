@@ -49,7 +49,8 @@ class SlidingTiler(Tiler):
         f = canvas.latent_factor
         win_h, win_w, st_h, st_w = self._sizes()
         c = self.config
-        keys = {"window": c.window, "stride": c.stride, "window_height": c.window_height, "stride_height": c.stride_height}
+        keys = {"window": c.window, "stride": c.stride, "window_height": c.window_height,
+                "stride_height": c.stride_height}
         for key, value in keys.items():
             if value is None:
                 continue

@@ -34,7 +34,7 @@ class RegionConfig:
 
 @dataclass
 class RegionsConfig(SlidingConfig):
-    regions: List[RegionConfig] = field(default_factory=list)  # each: mask, prompt, negative_prompt, guidance_scale, seed, sync
+    regions: List[RegionConfig] = field(default_factory=list)  # each: a mask, its prompt and options (keys below)
     layout: Optional[str] = None  # colour-coded layout image; with `prompts`, one region per colour
     prompts: Dict[str, str] = field(default_factory=dict)  # layout colour -> prompt ("#ff0000": "a red car")
     layout_background: Optional[str] = None  # layout colour left to the background (every other colour needs a prompt)
@@ -117,7 +117,8 @@ class RegionsTiler(SlidingTiler):
         out = []
         for key, r in specs:
             if not isinstance(r.prompt, str) or not r.prompt.strip():
-                raise ConfigError(f"{key}.prompt" if key.startswith("tiler.regions") else key, "missing or empty prompt")
+                where = f"{key}.prompt" if key.startswith("tiler.regions") else key
+                raise ConfigError(where, "missing or empty prompt")
             if r.guidance_scale is not None and r.guidance_scale < 0:
                 raise ConfigError(f"{key}.guidance_scale", f"must be >= 0, got {r.guidance_scale}")
             where = f"{key}.mask" if key.startswith("tiler.regions") else key
@@ -133,7 +134,8 @@ class RegionsTiler(SlidingTiler):
             if len(empty):
                 row, col = (int(v) * canvas.latent_factor for v in empty[0, 2:])
                 raise ConfigError("tiler.background", f"with the background off the regions must cover the canvas; "
-                                  f"the weights sum to 0 at pixel (row {row}, col {col}) and {len(empty) - 1} more latents")
+                                  f"the weights sum to 0 at pixel (row {row}, col {col}) and {len(empty) - 1} more "
+                                  "latents")
         return out
 
     def background_weight(self, canvas: CanvasSpec) -> torch.Tensor:
@@ -154,7 +156,8 @@ class RegionsTiler(SlidingTiler):
         for region in self.regions(canvas):
             if region.config.seed is None:
                 continue
-            own = torch.randn(canvas.latent_shape(), generator=torch.Generator("cpu").manual_seed(int(region.config.seed)))
+            generator = torch.Generator("cpu").manual_seed(int(region.config.seed))
+            own = torch.randn(canvas.latent_shape(), generator=generator)
             noise = torch.where(region.latents.to(noise.device) >= 0.5, own.to(noise), noise)
         return noise
 
@@ -188,5 +191,6 @@ class RegionsTiler(SlidingTiler):
             for window in windows:
                 weight = window.extract(region.latents)
                 if bool((weight > 0).any()):
-                    crop(window, RegionView, weight, dict(context), bootstrap=c.bootstrap, backgrounds=self._backgrounds)
+                    crop(window, RegionView, weight, dict(context), bootstrap=c.bootstrap,
+                         backgrounds=self._backgrounds)
         return views

@@ -186,7 +186,8 @@ def pipeline_folder_problem(folder: Path, pipeline_cls=None) -> Optional[tuple[P
         if library is None or class_name is None:
             continue
         if not _known_component(str(library), str(class_name)):
-            return index_file, f"names an unknown component {name!r}: [{library!r}, {class_name!r}] is no installed class"
+            return index_file, (f"names an unknown component {name!r}: [{library!r}, {class_name!r}] is no "
+                                "installed class")
         components[name] = folder / name
     missing = sorted(_required_components(pipeline_cls) - set(components)) if pipeline_cls is not None else []
     if missing:

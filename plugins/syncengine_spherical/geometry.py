@@ -186,8 +186,9 @@ def equirect_from_cube(faces: dict[str, torch.Tensor], height: int) -> torch.Ten
         face = faces[name]
         grid, _ = perspective_to_equirect_grid((height, 2 * height), face.shape[-2], face.shape[-1], 90.0,
                                                *CUBE_FACES[name])
-        sampled = torch.nn.functional.grid_sample(face, grid.to(face.device, face.dtype).expand(face.shape[0], -1, -1, -1),
-                                                  mode="bilinear", padding_mode="border", align_corners=False)
+        grid = grid.to(face.device, face.dtype).expand(face.shape[0], -1, -1, -1)
+        sampled = torch.nn.functional.grid_sample(face, grid, mode="bilinear", padding_mode="border",
+                                                  align_corners=False)
         part = sampled * (owner == k).to(face.device, face.dtype)
         out = part if out is None else out + part
     return out

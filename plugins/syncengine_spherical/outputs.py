@@ -29,7 +29,8 @@ def check_export(config: ExportConfig) -> None:
             raise ConfigError("tiler.export", f"{name!r} is not one of {', '.join(EXPORTS)}")
     for k, v in enumerate(config.export_views):
         if len(v) != 3 or not 0 < v[2] < 180:
-            raise ConfigError(f"tiler.export_views[{k}]", f"expected [yaw, pitch, fov] with 0 < fov < 180, got {list(v)}")
+            raise ConfigError(f"tiler.export_views[{k}]",
+                              f"expected [yaw, pitch, fov] with 0 < fov < 180, got {list(v)}")
     if config.export_size < 0:
         raise ConfigError("tiler.export_size", f"must be >= 0, got {config.export_size}")
 
