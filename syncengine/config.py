@@ -559,12 +559,9 @@ def validate(raw: DictConfig | dict) -> ResolvedSpec:
         denoiser_cls.check_run(resolved, tiler.views(resolved.canvas))
     merger = resolved.build("merger")  # mergers check their options on construction; cheap
     if merger.target == "x0":
-        from .sampler import X0_SCHEDULERS
-        from .schedulers import ALIASES
+        from .sampler import check_x0_scheduler
 
-        scheduler = str(s.scheduler)
-        _check(ALIASES.get(scheduler, (scheduler,))[0] in X0_SCHEDULERS, "sampler.scheduler",
-               f"merger.target x0 takes one DDIM step per view; {scheduler!r} cannot: use ddim or merger.target xt")
+        check_x0_scheduler(str(s.scheduler))
     return resolved
 
 

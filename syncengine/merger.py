@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Sequence, get_args
 
 import torch
 
+from .errors import ConfigError
 from .plugin import Plugin
 from .views import View
 
 MergeTarget = Literal["xt", "x0"]
+MERGE_TARGETS: tuple[str, ...] = get_args(MergeTarget)
 
 
 @dataclass
@@ -32,6 +34,8 @@ class Merger(Plugin):
 
     def __init__(self, config=None):
         super().__init__(config)
+        if self.config.target not in MERGE_TARGETS:  # every merger, built from a spec or directly
+            raise ConfigError("merger.target", f"{self.config.target!r} is not 'xt' or 'x0'")
         self._cache: dict[int, torch.Tensor] = {}
 
     @property
@@ -63,7 +67,9 @@ class MergeBuffer:
     def __init__(self, shape: tuple[int, ...], device=None, dtype=torch.float32, weight: torch.Tensor | None = None):
         self.sum = torch.zeros(shape, device=device, dtype=dtype)
         self.shared_weight = weight is not None
-        self.weight = weight if weight is not None else torch.zeros((shape[0], 1, *shape[2:]), device=device, dtype=dtype)
+        if weight is None:
+            weight = torch.zeros((shape[0], 1, *shape[2:]), device=device, dtype=dtype)
+        self.weight = weight
 
     @staticmethod
     def weights_of(views: Sequence[View], merger: "Merger", shape: tuple[int, ...], device=None) -> torch.Tensor:

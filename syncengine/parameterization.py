@@ -30,7 +30,24 @@ def predicted_x0(model_output: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor,
     raise ValueError(f"unknown prediction_type {prediction_type!r}: expected epsilon, v_prediction or sample")
 
 
-def predicted_epsilon(model_output: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, prediction_type: str) -> torch.Tensor:
+def model_output_of(x0: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The inverse of :func:`predicted_x0`: the model output that a scheduler of ``prediction_type`` reads as the pair
+    (x_t, x0), through the implied noise ``eps = (x_t - sqrt(a) x0) / sqrt(1 - a)``. Lets a merged x0 drive any
+    scheduler step (SyncTweedies' x0 merge target)."""
+    a = a.to(device=x_t.device, dtype=x_t.dtype)
+    eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+    if prediction_type == "sample":
+        return x0
+    raise ValueError(f"unknown prediction_type {prediction_type!r}: expected epsilon, v_prediction or sample")
+
+
+def predicted_epsilon(
+    model_output: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
     """The noise implied by the model output at ``x_t``."""
     a = a.to(x_t.dtype)
     if prediction_type == "epsilon":

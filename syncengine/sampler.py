@@ -1,23 +1,26 @@
 """The joint-diffusion loop: Algorithm 1 of SyncDiffusion on top of MultiDiffusion, stepping once on the canvas.
 
-Per step ``t``:
-1. every view reads its window from the canvas;
-2. on sync steps, each non-anchor view moves down the gradient of the perceptual loss between its decoded x0
-   prediction and the anchor's (the anchor's side computed once, without gradient);
-3. the denoiser predicts the noise at the updated windows (classifier-free guidance inside);
-4. the merger averages the updated windows and the predictions on the canvas, and the scheduler steps once there.
-For DDIM-like schedulers the step is linear in (x_t, eps), so step 4 equals stepping each view and averaging (the
-paper's order); stepping on the canvas lets every diffusers scheduler work and draws stochastic noise once.
+:meth:`JointSampler.sample` is Algorithm 1's ``DenoisingOneStep`` for every timestep; its comments give the line
+numbers. Per step ``t`` (one :class:`StepState`):
 
-With ``merger.target: x0`` (SyncTweedies, Kim et al. 2024) each view instead keeps its own x_t, and the canvas holds
-only the merged Tweedie estimate x0: views that resample the canvas (projections) then never see interpolated, hence
-variance-shrunk, noise. See :meth:`JointSampler._sample_x0`.
+1. on sync steps, each sync group's anchor x_t^0 is denoised and decoded once, without gradient: the loss target
+   (line 2);
+2. every view reads its x_t^i (line 9) and, on sync steps, each non-anchor view moves down the gradient of the
+   perceptual loss between its decoded x0 prediction and the anchor's (lines 3-4, Eq. 14);
+3. the denoiser predicts the noise at the updated latents (classifier-free guidance inside);
+4. the merge target steps and averages (lines 13-15, Eqs. 11-12).
+
+Two merge targets share that loop. :class:`XtMerge` (MultiDiffusion): the canvas holds x_t; the updated windows and
+the predictions are averaged on it and the scheduler steps once there. For DDIM-like schedulers the step is linear in
+(x_t, eps), so this equals stepping each view and averaging (the paper's order); stepping on the canvas lets every
+diffusers scheduler work and draws stochastic noise once. :class:`X0Merge` (``merger.target: x0``, SyncTweedies,
+Kim et al. 2024): each view keeps its own x_t and the canvas holds only the merged Tweedie estimate x0.
 """
 from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -26,7 +29,7 @@ from .collective import Collective
 from .denoiser import Conditioning, Denoiser, Step
 from .errors import ConfigError, SyncEngineError
 from .merger import MergeBuffer, Merger
-from .parameterization import alpha_bar, predicted_x0
+from .parameterization import alpha_bar, model_output_of, predicted_x0
 from .schedulers import ALIASES
 from .sync import SyncSchedule, decoded_x0, sync_gradient
 from .sync_loss import SyncLoss
@@ -59,12 +62,19 @@ class SamplerOptions:
 @dataclass
 class SampleResult:
     latents: torch.Tensor  # final canvas [1, C, H, W]
-    stats: dict[str, Any]
+    stats: dict[str, Any]  # SamplerStats.to_dict()
 
 
 X0_SCHEDULERS = ("DDIMScheduler",)
 """Schedulers the x0 merge target supports: deterministic and stateless in alpha space, so a step is a function of
 (x_t, x0) alone and each view can take its own with the merged x0."""
+
+
+def check_x0_scheduler(scheduler: str) -> None:
+    """The rule for ``merger.target: x0``, for spec validation and for direct users of :class:`JointSampler`."""
+    if ALIASES.get(scheduler, (scheduler,))[0] not in X0_SCHEDULERS:
+        raise ConfigError("sampler.scheduler", f"merger.target x0 takes one DDIM step per view; {scheduler!r} "
+                                               "cannot: use ddim or merger.target xt")
 
 
 def check_step_count(scheduler: Any, steps: int) -> None:
@@ -77,6 +87,13 @@ def check_step_count(scheduler: Any, steps: int) -> None:
                                            f"({limit}); use sampler.steps={limit} or fewer")
 
 
+def check_anchor_index(anchor: int | str, views: Sequence[View]) -> None:
+    """An anchor given as a view index must name a view (known only once the views are built; the spec's
+    validation checks the names)."""
+    if not isinstance(anchor, str) and all(v.index != int(anchor) for v in views):
+        raise ConfigError("sync.anchor", f"view index {anchor} does not exist; views are 0..{len(views) - 1}")
+
+
 def _batches(items: Sequence, size: int):
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -84,7 +101,7 @@ def _batches(items: Sequence, size: int):
 
 def resolve_anchor(anchor: int | str, members: Sequence[View]) -> View:
     """The anchor among a sync group's views: ``center`` (paper: N // 2), ``first``, ``last`` or a view index (groups
-    that do not hold that view use their centre; an index no group holds is an error, see :class:`JointSampler`)."""
+    that do not hold that view use their centre; an index no group holds is an error, :func:`check_anchor_index`)."""
     if anchor == "center":
         return members[len(members) // 2]
     if anchor == "first":
@@ -95,6 +112,147 @@ def resolve_anchor(anchor: int | str, members: Sequence[View]) -> View:
         if view.index == int(anchor):
             return view
     return members[len(members) // 2]  # a group without that view (region layouts): its centre
+
+
+@dataclass
+class SamplerStats:
+    """What one request cost; the sidecar's ``stats`` (:meth:`to_dict`, with the collective's counters)."""
+
+    unet_views: int = 0  # UNet evaluations, one per view (guided), anchors and sync renders included
+    sync_views: int = 0  # views moved by the sync update
+    decodes: int = 0  # VAE decodes for the sync loss
+    sync_steps: int = 0
+    views: int = 0
+    owned_views: int = 0  # this rank's share of ``views`` (window sharding)
+    seconds_sync: float = 0.0
+    seconds_denoise: float = 0.0  # the view batches, sync updates included
+
+    def to_dict(self, collective: dict[str, Any]) -> dict[str, Any]:
+        return {**asdict(self), **collective}
+
+
+@dataclass
+class StepState:
+    """What one denoising step of Algorithm 1 knows: shared by the loop, the sync update and the merge target."""
+
+    step: Step
+    alpha: torch.Tensor  # alpha_bar at t
+    weight: float  # w of Eq. 14 at this step; 0: no sync
+    inputs: InputContext
+    conds: dict[int, Conditioning]  # per view index
+    stats: SamplerStats
+    targets: dict[Any, Any] = field(default_factory=dict)  # per sync group: the anchor's loss target
+
+    @property
+    def syncing(self) -> bool:
+        return self.weight > 0
+
+
+class XtMerge:
+    """MultiDiffusion's merge target (Eq. 12): the canvas holds x_t. Views read windows of it; the synced windows
+    x_hat_t^i and the predictions eps^i are averaged on the canvas, and the scheduler steps once there. For DDIM the
+    step is linear in (x_t, eps), so this equals the paper's per-view step then average (lines 13-15)."""
+
+    def __init__(self, sampler: JointSampler, scheduler: Any, noise: torch.Tensor, weights: torch.Tensor,
+                 owned: list[View], step_kwargs: dict[str, Any]):
+        self.sampler, self.scheduler, self.weights, self.step_kwargs = sampler, scheduler, weights, step_kwargs
+        self.device = sampler.denoiser.device
+        self.latents = (noise * scheduler.init_noise_sigma).to(self.device)
+
+    def begin(self, s: StepState) -> None:
+        # Views see alpha-space latents: identity for DDIM-like schedulers, 1/sqrt(sigma^2+1) for Euler-like.
+        ones = torch.ones(1, device=self.device)
+        self.scale = float(self.scheduler.scale_model_input(ones, s.step.timestep).reshape(-1)[0])
+        self.model_canvas = self.latents * self.scale
+        shape = self.latents.shape
+        self.eps = MergeBuffer(shape, device=self.device, weight=self.weights)
+        self.x_hat = MergeBuffer(shape, device=self.device, weight=self.weights) if s.syncing else None
+
+    def read(self, view: View) -> torch.Tensor:
+        """Line 9: x_t^i = T_{z->i}(z_t), the view's window of the canvas."""
+        return view.extract(self.model_canvas)
+
+    def add(self, batch: Sequence[View], windows: list, prepared: list, x: torch.Tensor, out: torch.Tensor,
+            s: StepState) -> None:
+        for k, view in enumerate(batch):
+            w = self.sampler.merger.weight(view, device=self.device)
+            self.eps.add(view, out[k : k + 1], w)
+            if self.x_hat is not None:
+                # The window moved by the sync update only: not what prepare_input composed around it.
+                moved = x[k : k + 1] if prepared[k] is windows[k] else windows[k] + (x[k : k + 1] - prepared[k])
+                self.x_hat.add(view, moved / self.scale, w)
+
+    def step(self, s: StepState) -> None:
+        self.sampler.collective.all_reduce_([self.eps.sum] + ([self.x_hat.sum] if self.x_hat is not None else []))
+        # Eq. 12: z = sum_i T_i(w_i x^i) / sum_i T_i(w_i), for eps and x_hat_t; uncovered positions keep x_t, eps 0.
+        eps = self.eps.result(torch.zeros_like(self.latents))
+        x_hat = self.x_hat.result(self.latents) if self.x_hat is not None else self.latents
+        # Eq. 11 on the canvas: z_{t-1} = S(x_hat_t, t, eps).
+        self.latents = self.scheduler.step(eps, s.step.timestep, x_hat, **self.step_kwargs).prev_sample
+        check_finite(self.latents, s.step.index, s.step.total)
+
+    def result(self) -> torch.Tensor:
+        return self.latents
+
+
+class X0Merge:
+    """SyncTweedies' merge target (Kim et al. 2024): each view keeps its own x_t^i and the canvas holds only the
+    merged Tweedie estimate x0, so views that resample the canvas (projections) never see interpolated, hence
+    variance-shrunk, noise. Each view then takes its own DDIM step from its (synced, prepared) x_t^i towards the merged
+    x0 reprojected into it. On the last step the canvas takes that step itself, from the merged x_t^i: for views that
+    read consistent windows (crops) every step then equals :class:`XtMerge`'s exactly, and the result is the merged x0
+    up to the scheduler's final ``sqrt(alpha)`` factors. DDIM only (:func:`check_x0_scheduler`)."""
+
+    def __init__(self, sampler: JointSampler, scheduler: Any, noise: torch.Tensor, weights: torch.Tensor,
+                 owned: list[View], step_kwargs: dict[str, Any]):
+        self.sampler, self.scheduler, self.weights, self.owned = sampler, scheduler, weights, owned
+        self.device = device = sampler.denoiser.device
+        # Drawn once on the canvas; each view reads its own x_T so that it keeps unit variance (View.extract_noise).
+        self.states = {v.index: v.extract_noise(noise.to(device)) for v in owned}
+        self.zeros = torch.zeros(noise.shape, device=device)
+        self.latents = self.zeros
+
+    def begin(self, s: StepState) -> None:
+        self.last = s.step.index == s.step.total - 1
+        self.x0 = MergeBuffer(self.zeros.shape, device=self.device, weight=self.weights)
+        self.xt = MergeBuffer(self.zeros.shape, device=self.device, weight=self.weights) if self.last else None
+        self.current: dict[int, torch.Tensor] = {}
+
+    def read(self, view: View) -> torch.Tensor:
+        return self.states[view.index]
+
+    def add(self, batch: Sequence[View], windows: list, prepared: list, x: torch.Tensor, out: torch.Tensor,
+            s: StepState) -> None:
+        with torch.no_grad():  # Tweedie: x0^i = (x_hat_t^i - sqrt(1 - a) eps^i) / sqrt(a), for epsilon prediction
+            x0 = predicted_x0(out, x, s.alpha.to(self.device), self.sampler.denoiser.prediction_type)
+        for k, view in enumerate(batch):
+            w = self.sampler.merger.weight(view, device=self.device)
+            self.x0.add(view, x0[k : k + 1], w)
+            self.current[view.index] = x[k : k + 1].detach()
+            if self.xt is not None:
+                self.xt.add(view, self.current[view.index], w)
+
+    def step(self, s: StepState) -> None:
+        self.sampler.collective.all_reduce_([self.x0.sum] + ([self.xt.sum] if self.xt is not None else []))
+        t, a, ptype = s.step.timestep, s.alpha, self.scheduler.config.prediction_type
+        merged_x0 = self.x0.result(self.zeros)  # Eq. 12 on x0
+        check_finite(merged_x0, s.step.index, s.step.total)  # merged and all-reduced: the same verdict on every rank
+        if self.last:  # positions no view covered stay 0 (x0 = 0, x_t = 0)
+            xt = self.xt.result(self.zeros)
+            self.latents = self.scheduler.step(model_output_of(merged_x0, xt, a, ptype), t, xt).prev_sample
+            check_finite(self.latents, s.step.index, s.step.total)
+            return
+        with torch.no_grad():  # Eq. 11 per view: x_{t-1}^i = S(x_hat_t^i, t, eps(x_hat_t^i, T_{z->i}(x0)))
+            for view in self.owned:
+                x_t = self.current[view.index]
+                out = model_output_of(view.extract(merged_x0), x_t, a, ptype)
+                self.states[view.index] = self.scheduler.step(out, t, x_t).prev_sample
+
+    def result(self) -> torch.Tensor:
+        return self.latents
+
+
+MERGE_STRATEGIES: dict[str, type] = {"xt": XtMerge, "x0": X0Merge}
 
 
 class JointSampler:
@@ -110,12 +268,8 @@ class JointSampler:
         options: SamplerOptions,
         collective: Collective | None = None,
     ):
-        if merger.target not in ("xt", "x0"):
-            raise ConfigError("merger.target", f"{merger.target!r} is not 'xt' or 'x0'")
-        if merger.target == "x0" and ALIASES.get(options.scheduler, (options.scheduler,))[0] not in X0_SCHEDULERS:
-            raise ConfigError("sampler.scheduler", f"merger.target x0 takes one DDIM step per view and needs a "
-                                                   f"deterministic alpha-space scheduler ('ddim'), got "
-                                                   f"{options.scheduler!r}; use 'ddim' or merger.target xt")
+        if merger.target == "x0":
+            check_x0_scheduler(options.scheduler)
         self.denoiser = denoiser
         self.views = list(views)
         self.merger = merger
@@ -124,9 +278,8 @@ class JointSampler:
         self.options = options
         self.collective = collective or Collective()
         self.groups = self._sync_groups()
-        anchor = options.anchor
-        if not isinstance(anchor, str) and sync_loss is not None and all(v.index != int(anchor) for v in self.views):
-            raise ConfigError("sync.anchor", f"view index {anchor} does not exist; views are 0..{len(self.views) - 1}")
+        if sync_loss is not None:
+            check_anchor_index(options.anchor, self.views)
 
     def _sync_groups(self) -> dict[Any, tuple[View, list[View]]]:
         groups: dict[Any, list[View]] = {}
@@ -160,6 +313,18 @@ class JointSampler:
         generator = torch.Generator("cpu").manual_seed(int(seed))
         return torch.randn(canvas.latent_shape(), generator=generator, dtype=torch.float32)
 
+    def _scheduler(self, request: Request) -> tuple[Any, dict[str, Any]]:
+        """The request's scheduler with its timesteps set, and the extra ``step`` arguments it takes: stochastic
+        schedulers draw from a CPU generator seeded by the request (reproducible across devices)."""
+        opts = self.options
+        scheduler = self.denoiser.make_scheduler(opts.scheduler, **opts.scheduler_options)
+        check_step_count(scheduler, opts.steps)
+        scheduler.set_timesteps(opts.steps, device=self.denoiser.device)
+        step_kwargs = {}
+        if "generator" in inspect.signature(scheduler.step).parameters:
+            step_kwargs["generator"] = torch.Generator("cpu").manual_seed(int(request.seed) + 1)
+        return scheduler, step_kwargs
+
     def sample(
         self,
         request: Request,
@@ -167,157 +332,63 @@ class JointSampler:
         progress: Callable[[int, int], None] | None = None,
         noise: torch.Tensor | None = None,
     ) -> SampleResult:
-        """``noise`` replaces the request's initial canvas noise (default: :meth:`initial_noise` of its seed)."""
-        den = self.denoiser
-        device = den.device
-        opts = self.options
-        scheduler = den.make_scheduler(opts.scheduler, **opts.scheduler_options)
-        check_step_count(scheduler, opts.steps)
-        scheduler.set_timesteps(opts.steps, device=device)
-        step_kwargs = {}
-        if "generator" in inspect.signature(scheduler.step).parameters:
-            step_kwargs["generator"] = torch.Generator("cpu").manual_seed(int(request.seed) + 1)
+        """Algorithm 1's DenoisingOneStep for every timestep. ``noise`` replaces the request's initial canvas noise
+        (default: :meth:`initial_noise` of its seed)."""
+        scheduler, step_kwargs = self._scheduler(request)
         alphas = scheduler.alphas_cumprod.to(torch.float32)
-
         conds = self._conditionings(request)
         owned = self.collective.owned(self.views)
         if noise is None:
             noise = self.initial_noise(canvas, request.seed)
-        stats = {"unet_views": 0, "sync_views": 0, "decodes": 0, "sync_steps": 0, "views": len(self.views),
-                 "owned_views": len(owned), "seconds_sync": 0.0, "seconds_denoise": 0.0}
+        stats = SamplerStats(views=len(self.views), owned_views=len(owned))
         # The merge weights never change within a request: summed (and all-reduced) once, shared by every step.
-        weights = MergeBuffer.weights_of(owned, self.merger, tuple(noise.shape), device)
+        weights = MergeBuffer.weights_of(owned, self.merger, tuple(noise.shape), self.denoiser.device)
         self.collective.all_reduce_([weights])
-        if self.merger.target == "x0":
-            latents = self._sample_x0(request, scheduler, conds, owned, noise.float(), weights, stats, progress)
-            stats.update(self.collective.stats)
-            return SampleResult(latents, stats)
-        latents = (noise.float() * scheduler.init_noise_sigma).to(device)
-        timesteps = scheduler.timesteps
+        target = MERGE_STRATEGIES[self.merger.target](self, scheduler, noise.float(), weights, owned, step_kwargs)
         on_views = _views_callback(progress)
-        batches = -(-len(owned) // opts.view_batch_size)
+        timesteps = scheduler.timesteps
+        batches = -(-len(owned) // self.options.view_batch_size)
         for i, t in enumerate(timesteps):
             step = Step(i, len(timesteps), t)
-            weight = self.schedule.weight_at(i) if self.sync_loss is not None else 0.0
-            # Views see alpha-space latents: identity for DDIM-like schedulers, 1/sqrt(sigma^2+1) for Euler-like.
-            scale = float(scheduler.scale_model_input(torch.ones(1, device=device), t).reshape(-1)[0])
-            model_canvas = latents * scale
             a = alpha_bar(alphas, t)
-            inputs = InputContext(step, a, den, int(request.seed))
-            read = lambda view: view.extract(model_canvas)  # noqa: E731
-            targets = self._anchor_targets(read, step, conds, a, inputs, stats) if weight > 0 else {}
-
-            eps_buf = MergeBuffer(latents.shape, device=device, weight=weights)
-            x_buf = MergeBuffer(latents.shape, device=device, weight=weights) if weight > 0 else None
+            weight = self.schedule.weight_at(i) if self.sync_loss is not None else 0.0
+            s = StepState(step, a, weight, InputContext(step, a, self.denoiser, int(request.seed)), conds, stats)
+            target.begin(s)
+            if s.syncing:  # line 2: the anchor x_t^0 stays; D(phi(x_t^0, t)) is the loss target, once, without gradient
+                s.targets = self._anchor_targets(target.read, s)
             t0 = time.perf_counter()
-            for b, batch in enumerate(_batches(owned, opts.view_batch_size)):
-                read_x = [v.extract(model_canvas) for v in batch]
-                prepared = [v.prepare_input(r, inputs) for v, r in zip(batch, read_x)]
-                x, out = self._update_and_predict(torch.cat(prepared), batch, step, conds, targets, weight, a, stats)
-                for k, view in enumerate(batch):
-                    w = self.merger.weight(view, device=device)
-                    eps_buf.add(view, out[k : k + 1], w)
-                    if x_buf is not None:  # the window moved by the sync update (not what prepare_input composed)
-                        moved = x[k : k + 1] if prepared[k] is read_x[k] else read_x[k] + (x[k : k + 1] - prepared[k])
-                        x_buf.add(view, moved / scale, w)
+            for b, batch in enumerate(_batches(owned, self.options.view_batch_size)):
+                windows = [target.read(view) for view in batch]  # x_t^i
+                prepared = [view.prepare_input(x, s.inputs) for view, x in zip(batch, windows)]
+                x = torch.cat(prepared)
+                if s.syncing:  # lines 3-4: x_hat_t^i = x_t^i - w grad L(D(phi(x_t^i, t)), D(phi(x_t^0, t)))  (Eq. 14)
+                    ts = time.perf_counter()
+                    x = self._sync_update(x, batch, s)
+                    stats.seconds_sync += time.perf_counter() - ts
+                out = self._predict(x, batch, s)  # eps_theta(x_hat_t^i, t), classifier-free guided
+                target.add(batch, windows, prepared, x, out, s)
                 if on_views is not None:
                     on_views(b + 1, batches)
-            stats["seconds_denoise"] += time.perf_counter() - t0
-            buffers = [eps_buf.sum] + ([x_buf.sum] if x_buf is not None else [])
-            self.collective.all_reduce_(buffers)
-            model_out = eps_buf.result(torch.zeros_like(latents))
-            current = x_buf.result(latents) if x_buf is not None else latents
-            if weight > 0:
-                stats["sync_steps"] += 1
-            latents = scheduler.step(model_out, t, current, **step_kwargs).prev_sample
-            check_finite(latents, i, len(timesteps))
+            stats.seconds_denoise += time.perf_counter() - t0
+            if s.syncing:
+                stats.sync_steps += 1
+            target.step(s)  # lines 13-15: x_{t-1}^i = S(x_hat_t^i, t, eps^i), then MultiDiffusion's average (Eq. 12)
             if progress is not None:
                 progress(i + 1, len(timesteps))
-        stats.update(self.collective.stats)
-        return SampleResult(latents, stats)
+        return SampleResult(target.result(), stats.to_dict(self.collective.stats))
 
-    def _sample_x0(self, request, scheduler, conds, owned, noise, weights, stats, progress) -> torch.Tensor:
-        """SyncTweedies' x0 merging; returns the final canvas. Per step, for each owned view i with its own x_t^i:
-        prepare its input and sync-update it (as the x_t path does), predict eps^i, form Tweedie x0^i, and merge the
-        x0^i on the canvas (one all-reduced buffer). Each view then takes its own DDIM step from x_t^i towards the
-        merged x0 reprojected into it, with the noise that pair implies. On the last step the canvas takes that step
-        itself, from the merged x_t^i: for views that read consistent windows (crops) every step then equals the x_t
-        path's exactly, and the result is the merged x0 up to the scheduler's final ``sqrt(alpha)`` factors."""
-        den, device, opts = self.denoiser, self.denoiser.device, self.options
-        if type(scheduler).__name__ not in X0_SCHEDULERS:
-            raise ConfigError("sampler.scheduler", f"merger.target x0 needs one of {', '.join(X0_SCHEDULERS)}, got "
-                                                   f"{type(scheduler).__name__}")
-        alphas = scheduler.alphas_cumprod.to(torch.float32)
-        ptype = scheduler.config.prediction_type
-        # Drawn once on the canvas; each view reads its own x_T so that it keeps unit variance (View.extract_noise).
-        states = {v.index: v.extract_noise(noise.to(device)) for v in owned}
-        zeros = torch.zeros(noise.shape, device=device)
-        timesteps = scheduler.timesteps
-        latents = zeros
-        on_views = _views_callback(progress)
-        batches = -(-len(owned) // opts.view_batch_size)
-        for i, t in enumerate(timesteps):
-            step = Step(i, len(timesteps), t)
-            weight = self.schedule.weight_at(i) if self.sync_loss is not None else 0.0
-            a = alpha_bar(alphas, t)
-            inputs = InputContext(step, a, den, int(request.seed))
-            read = lambda view: states[view.index]  # noqa: E731
-            targets = self._anchor_targets(read, step, conds, a, inputs, stats) if weight > 0 else {}
-            last = i == len(timesteps) - 1
-            x0_buf = MergeBuffer(zeros.shape, device=device, weight=weights)
-            xt_buf = MergeBuffer(zeros.shape, device=device, weight=weights) if last else None
-            current: dict[int, torch.Tensor] = {}
-            t0 = time.perf_counter()
-            for b, batch in enumerate(_batches(owned, opts.view_batch_size)):
-                x = torch.cat([v.prepare_input(states[v.index], inputs) for v in batch])
-                x, out = self._update_and_predict(x, batch, step, conds, targets, weight, a, stats)
-                with torch.no_grad():
-                    x0 = predicted_x0(out, x, a.to(device), den.prediction_type)
-                for k, view in enumerate(batch):
-                    w = self.merger.weight(view, device=device)
-                    x0_buf.add(view, x0[k : k + 1], w)
-                    current[view.index] = x[k : k + 1].detach()
-                    if xt_buf is not None:
-                        xt_buf.add(view, current[view.index], w)
-                if on_views is not None:
-                    on_views(b + 1, batches)
-            stats["seconds_denoise"] += time.perf_counter() - t0
-            buffers = [x0_buf.sum] + ([xt_buf.sum] if xt_buf is not None else [])
-            self.collective.all_reduce_(buffers)
-            if weight > 0:
-                stats["sync_steps"] += 1
-            merged_x0 = x0_buf.result(zeros)
-            check_finite(merged_x0, i, len(timesteps))  # merged and all-reduced: the same verdict on every rank
-            if last:  # positions no view covered stay 0 (x0 = 0, x_t = 0)
-                xt = xt_buf.result(zeros)
-                latents = scheduler.step(_model_output(merged_x0, xt, a, ptype), t, xt).prev_sample
-                check_finite(latents, i, len(timesteps))
-            else:
-                with torch.no_grad():
-                    for view in owned:
-                        x_t = current[view.index]
-                        out = _model_output(view.extract(merged_x0), x_t, a, ptype)
-                        states[view.index] = scheduler.step(out, t, x_t).prev_sample
-            if progress is not None:
-                progress(i + 1, len(timesteps))
-        return latents
-
-    def _update_and_predict(self, x, batch, step, conds, targets, weight, a, stats):
-        """One view batch: the sync update on sync steps, then the model output at the updated latents."""
-        if weight > 0:
-            ts = time.perf_counter()
-            x = self._sync_update(x, batch, step, conds, targets, weight, a, stats)
-            stats["seconds_sync"] += time.perf_counter() - ts
+    def _predict(self, x: torch.Tensor, batch: Sequence[View], s: StepState) -> torch.Tensor:
+        """The denoiser's output at the (synced) latents of one view batch, without gradient."""
         with torch.no_grad():
-            out = self.denoiser.predict(x, step, [conds[v.index] for v in batch], batch).float()
-        stats["unet_views"] += len(batch)
-        return x, out
+            out = self.denoiser.predict(x, s.step, [s.conds[v.index] for v in batch], batch).float()
+        s.stats.unet_views += len(batch)
+        return out
 
     # -------------------------------------------------------------------------------------------------------- sync
 
-    def _anchor_targets(self, read, step, conds, a, inputs, stats) -> dict[Any, Any]:
-        """Per sync group, the loss target of the anchor's decoded x0 (computed once, without gradient). ``read``
-        gives a view's current x_t (its canvas window, or its own state when merging x0)."""
+    def _anchor_targets(self, read: Callable[[View], torch.Tensor], s: StepState) -> dict[Any, Any]:
+        """Per sync group, the loss target of the anchor's decoded x0 (computed by its owner once, without gradient,
+        and broadcast). ``read`` gives a view's current x_t (its canvas window, or its own state when merging x0)."""
         targets = {}
         device = self.denoiser.device
         for key, (anchor, members) in self.groups.items():
@@ -326,10 +397,11 @@ class JointSampler:
             image = torch.zeros(self._anchor_image_shape(anchor), device=device)
             if owner == self.collective.rank:
                 with torch.no_grad():
-                    x = anchor.prepare_input(read(anchor), inputs)
-                    image = decoded_x0(self.denoiser, x, step, [conds[anchor.index]], [anchor], a, self.options.sync_resolution).float()
-                stats["decodes"] += 1
-                stats["unet_views"] += 1
+                    x = anchor.prepare_input(read(anchor), s.inputs)
+                    image = decoded_x0(self.denoiser, x, s.step, [s.conds[anchor.index]], [anchor], s.alpha,
+                                       self.options.sync_resolution).float()
+                s.stats.decodes += 1
+                s.stats.unet_views += 1
             image = self.collective.broadcast_(image, owner)
             with torch.no_grad():
                 targets[key] = self.sync_loss.prepare_target(image)
@@ -342,33 +414,34 @@ class JointSampler:
             h, w = round(h * r / min(h, w)), round(w * r / min(h, w))
         return (1, 3, h, w)
 
-    def _sync_update(self, x, batch, step, conds, targets, weight, a, stats) -> torch.Tensor:
-        """x_hat = x - w * grad L(D(x0(x)), D(x0(x_anchor))) for the batch's non-anchor, synced views (Eq. 14)."""
-        picks = []
-        for k, view in enumerate(batch):
-            key = view.context.get("sync_group", "default")
-            if key is None or key not in targets or self.groups[key][0] is view:
-                continue
-            picks.append(k)
+    def _sync_update(self, x: torch.Tensor, batch: Sequence[View], s: StepState) -> torch.Tensor:
+        """Algorithm 1 lines 2-4 for one view batch: the anchor and unsynced views keep x_t; every other view
+        x_hat_t^i = x_t^i - w * grad_{x_t^i} L(D(phi(x_t^i, t)), target of its group's anchor)  (Eq. 14)."""
+        picks = [k for k, view in enumerate(batch) if self._synced(view, s.targets)]
         if not picks:
             return x
         x = x.clone()
         size = self.options.sync_batch_size or len(picks)
         for chunk in _batches(picks, size):
             views = [batch[k] for k in chunk]
-            view_conds = [conds[v.index] for v in views]
+            view_conds = [s.conds[v.index] for v in views]
 
-            def render(lat, views=views, view_conds=view_conds):
-                return decoded_x0(self.denoiser, lat, step, view_conds, views, a, self.options.sync_resolution)
+            def render(lat, views=views, view_conds=view_conds):  # D(phi(x_t^i, t))
+                return decoded_x0(self.denoiser, lat, s.step, view_conds, views, s.alpha, self.options.sync_resolution)
 
             idx = torch.tensor(chunk, device=x.device)
-            group_targets = [targets[v.context.get("sync_group", "default")] for v in views]
+            group_targets = [s.targets[v.context.get("sync_group", "default")] for v in views]
             grad, _ = sync_gradient(self.sync_loss, render, x.index_select(0, idx), group_targets)
-            x = x.index_copy(0, idx, x.index_select(0, idx) - weight * grad.to(x.dtype))
-            stats["sync_views"] += len(chunk)
-            stats["unet_views"] += len(chunk)
-            stats["decodes"] += len(chunk)
+            x = x.index_copy(0, idx, x.index_select(0, idx) - s.weight * grad.to(x.dtype))  # line 4
+            s.stats.sync_views += len(chunk)
+            s.stats.unet_views += len(chunk)
+            s.stats.decodes += len(chunk)
         return x
+
+    def _synced(self, view: View, targets: dict[Any, Any]) -> bool:
+        """Whether the sync update moves ``view``: it is in a sync group and not that group's anchor (line 2)."""
+        key = view.context.get("sync_group", "default")
+        return key is not None and key in targets and self.groups[key][0] is not view
 
 
 def check_finite(x: torch.Tensor, step: int, steps: int) -> None:
@@ -384,16 +457,3 @@ def _views_callback(progress) -> Callable[[int, int], None] | None:
     (a step over hundreds of views of a huge canvas runs for minutes)."""
     return getattr(progress, "views", None)
 
-
-def _model_output(x0: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """The model output that a scheduler of ``prediction_type`` reads as the pair (x_t, x0): the implied noise is
-    ``eps = (x_t - sqrt(a) x0) / sqrt(1 - a)``."""
-    a = a.to(device=x_t.device, dtype=x_t.dtype)
-    eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
-    if prediction_type == "epsilon":
-        return eps
-    if prediction_type == "v_prediction":
-        return a.sqrt() * eps - (1 - a).sqrt() * x0
-    if prediction_type == "sample":
-        return x0
-    raise ValueError(f"unknown prediction_type {prediction_type!r}: expected epsilon, v_prediction or sample")
