@@ -54,7 +54,7 @@ def requests_of(resolved: ResolvedSpec) -> list[Request]:
     out = []
     for i, r in enumerate(resolved.config.requests):
         name = r.name or f"{i:03d}-{slug(r.prompt)}-s{r.seed}"
-        out.append(Request(r.prompt, r.negative_prompt, int(r.seed), name, dict(r.inputs)))
+        out.append(Request(r.prompt, r.negative_prompt, int(r.seed), name, r.inputs))
     return out
 
 
@@ -91,7 +91,8 @@ def note(progress: Any, text: str) -> None:
 class Pipeline:
     """Builds the plugins of a spec once and runs its requests."""
 
-    def __init__(self, resolved: ResolvedSpec, device: torch.device | str | None = None, collective: Collective | None = None):
+    def __init__(self, resolved: ResolvedSpec, device: torch.device | str | None = None,
+                 collective: Collective | None = None):
         self.resolved = resolved
         self.device = device
         self.collective = collective or Collective()

@@ -33,7 +33,7 @@ from .parameterization import alpha_bar, model_output_of, predicted_x0
 from .schedulers import ALIASES
 from .sync import SyncSchedule, decoded_x0, sync_gradient
 from .sync_loss import SyncLoss
-from .views import CanvasSpec, InputContext, View
+from .views import CanvasSpec, InputContext, View, plain
 
 
 @dataclass
@@ -45,6 +45,9 @@ class Request:
     seed: int = 0
     name: str = "image"
     inputs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.inputs = plain(self.inputs or {})  # the one conversion: plugins read plain dicts and lists
 
 
 @dataclass

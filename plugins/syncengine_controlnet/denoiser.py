@@ -18,7 +18,7 @@ import torch
 
 from syncengine.denoiser import Step
 from syncengine.errors import ConfigError, SyncEngineError
-from syncengine.views import CanvasSpec, View, plain
+from syncengine.views import CanvasSpec, View
 from syncengine_sd.denoiser import StableDiffusionConfig, StableDiffusionDenoiser
 from syncengine_sd.loading import torch_device
 
@@ -123,7 +123,7 @@ class ControlNetDenoiser(StableDiffusionDenoiser):
     def prepare_request(self, request: Request, canvas: CanvasSpec) -> None:
         """Load, preprocess and fit each ControlNet's condition image to the canvas (once per request)."""
         units = self.config.controlnets
-        inputs = plain(getattr(request, "inputs", None) or {})
+        inputs = request.inputs
         sources = request_sources(inputs, len(units), [u.input for u in units])
         conditions = []
         for i, (unit, source, pre) in enumerate(zip(units, sources, self.preprocessors)):

@@ -11,17 +11,8 @@ from syncengine.merger import Merger, MergerConfig
 from syncengine.views import View
 
 
-def _check_target(target: str) -> None:
-    if target not in ("xt", "x0"):
-        raise ConfigError("merger.target", f"{target!r} is not 'xt' or 'x0'")
-
-
 class AverageMerger(Merger):
     """Every position of every view counts the same (MultiDiffusion, Eq. 12 of the SyncDiffusion paper)."""
-
-    def __init__(self, config=None):
-        super().__init__(config)
-        _check_target(self.config.target)
 
     def window_weight(self, view: View) -> torch.Tensor:
         return torch.ones(1, 1, *view.latent_size)
@@ -44,8 +35,7 @@ class GaussianMerger(Merger):
     Config = GaussianConfig
 
     def __init__(self, config=None):
-        super().__init__(config)
-        _check_target(self.config.target)
+        super().__init__(config)  # checks target
         if not (self.config.sigma > 0 and math.isfinite(self.config.sigma)):
             raise ConfigError("merger.sigma", f"must be a positive number, got {self.config.sigma}")
 

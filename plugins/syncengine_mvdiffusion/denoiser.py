@@ -18,7 +18,7 @@ import torch
 
 from syncengine.denoiser import Conditioning, PromptEmbedding, Step
 from syncengine.errors import ConfigError
-from syncengine.views import CanvasSpec, View, plain
+from syncengine.views import CanvasSpec, View
 from syncengine_sd.denoiser import StableDiffusionConfig, StableDiffusionDenoiser
 
 from .correspondence import Camera
@@ -79,7 +79,7 @@ class MVDiffusionDenoiser(StableDiffusionDenoiser):
         """Per-view prompts from ``requests[].inputs.view_prompts`` (one per view, in view order), encoded once."""
         self._seen = (None, set())
         self.view_prompts = {}
-        prompts = plain((getattr(request, "inputs", None) or {}).get("view_prompts"))
+        prompts = request.inputs.get("view_prompts")
         if prompts is None:
             return
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
