@@ -7,8 +7,9 @@ particular model needs per view (a ControlNet condition crop, a camera) comes fr
 from __future__ import annotations
 
 from abc import abstractmethod
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -53,6 +54,39 @@ class Conditioning:
     guidance_scale: float
 
 
+@dataclass(frozen=True)
+class RequestContext:
+    """Per-request conditioning made by :meth:`Denoiser.prepare_request` and passed to every ``predict`` of that
+    request (as diffusers passes conditions as call arguments, k-diffusion as ``extra_args``).
+
+    It lives outside the denoiser so that preparing one request cannot change another's, and so that conditioning
+    hooks compose: each hook adds its own named part (:meth:`with_part`) instead of overriding a shared attribute.
+    """
+
+    parts: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "parts", MappingProxyType(dict(self.parts)))  # read-only: contexts are shared values
+
+    def with_part(self, name: str, value: Any) -> RequestContext:
+        """A new context with ``name`` added; two hooks claiming one name is a bug, so it raises."""
+        if name in self.parts:
+            raise ValueError(f"request context already has a part named {name!r}")
+        return RequestContext({**self.parts, name: value})
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.parts.get(name, default)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.parts[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.parts
+
+
+NO_CONTEXT = RequestContext()  # the context of a denoiser without per-request conditioning (and the default)
+
+
 class Denoiser(Plugin):
     """A pretrained latent (or pixel) diffusion model.
 
@@ -61,10 +95,11 @@ class Denoiser(Plugin):
     - ``prediction_type``: what the network outputs, ``"epsilon"``, ``"v_prediction"`` or ``"sample"``; the sampler
       converts with :mod:`syncengine.parameterization`.
     - ``make_scheduler(name)`` returns a fresh diffusers scheduler configured for this model.
-    - ``predict(latents, step, conds, views)`` runs the network on a batch of views ``[B, C, h, w]`` and returns its
-      output with classifier-free guidance applied. It must be differentiable w.r.t. ``latents`` when grad is
-      enabled (the sync step needs it) and must not depend on batch composition (results cannot change with the
-      view batch size), unless it sets ``joint_views`` (below).
+    - ``predict(latents, step, conds, views, context)`` runs the network on a batch of views ``[B, C, h, w]`` and
+      returns its output with classifier-free guidance applied; ``context`` is what :meth:`prepare_request` returned
+      for the request (per-request conditioning lives there, never on the denoiser). It must be differentiable
+      w.r.t. ``latents`` when grad is enabled (the sync step needs it) and must not depend on batch composition
+      (results cannot change with the view batch size), unless it sets ``joint_views`` (below).
     - ``joint_views``: True where a prediction depends on the other views of its batch (MVDiffusion); the sync step
       then keeps its views in one batch by default.
     - ``decode(latents)`` returns images in ``[-1, 1]`` (not clamped), differentiably.
@@ -90,7 +125,12 @@ class Denoiser(Plugin):
 
     @abstractmethod
     def predict(
-        self, latents: torch.Tensor, step: Step, conds: Sequence[Conditioning], views: Sequence[View]
+        self,
+        latents: torch.Tensor,
+        step: Step,
+        conds: Sequence[Conditioning],
+        views: Sequence[View],
+        context: RequestContext = NO_CONTEXT,
     ) -> torch.Tensor: ...
 
     @abstractmethod
@@ -120,12 +160,15 @@ class Denoiser(Plugin):
         """Validation before any weights load, given the resolved spec and the tiler's views: a denoiser with needs
         on them (all views in one batch, cameras on every view) raises :class:`ConfigError` here. None by default."""
 
-    def prepare_request(self, request: Request, canvas: CanvasSpec) -> None:
-        """Hook called once per request before sampling (e.g. to load and crop a condition image)."""
+    def prepare_request(self, request: Request, canvas: CanvasSpec) -> RequestContext:
+        """Called once per request before sampling (e.g. to load and crop a condition image); returns the request's
+        context for ``predict``. A subclass adds its part to ``super().prepare_request(...)``'s context, so hooks of
+        several classes combine. Empty by default."""
+        return NO_CONTEXT
 
-    def request_images(self) -> dict[str, torch.Tensor]:
-        """Images of the last prepared request to save next to its output for inspection (e.g. the fitted condition
-        image): ``{suffix: [3, H, W] in [0, 1]}``, written as ``<name>.<suffix>.png``."""
+    def request_images(self, context: RequestContext) -> dict[str, torch.Tensor]:
+        """Images of a prepared request (its ``context``) to save next to its output for inspection (e.g. the fitted
+        condition image): ``{suffix: [3, H, W] in [0, 1]}``, written as ``<name>.<suffix>.png``."""
         return {}
 
     def describe(self) -> dict[str, Any]:

@@ -135,7 +135,7 @@ class Pipeline:
         tiler = spec.build("tiler")
         merger = spec.build("merger")
         cfg = spec.config
-        denoiser.prepare_request(request, canvas)
+        context = denoiser.prepare_request(request, canvas)  # the request's conditioning, kept off the denoiser
         views = tiler.views(canvas)
         sampler = JointSampler(
             denoiser,
@@ -157,7 +157,7 @@ class Pipeline:
         )
         t1 = time.perf_counter()
         noise = tiler.initial_noise(sampler.initial_noise(canvas, request.seed), canvas, request.seed)
-        result = sampler.sample(request, canvas, progress, noise=noise)
+        result = sampler.sample(request, canvas, progress, noise=noise, context=context)
         timings["sample"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         note(progress, f"decoding {canvas.height}x{canvas.width} canvas")
@@ -167,7 +167,7 @@ class Pipeline:
                                   "(denoiser.dtype=float32)")
         timings["decode"] = time.perf_counter() - t2
         images, metadata = tiler.finish_output(image[0].cpu(), canvas)  # e.g. 360°: cube faces, viewer metadata
-        extra = {**denoiser.request_images(), **images}
+        extra = {**denoiser.request_images(context), **images}
         timings["total"] = time.perf_counter() - t0
         return Generated(request, index, image[0].cpu(), result.latents.cpu(), spec.to_container(), result.stats,
                          timings, denoiser.describe(), extra, metadata)

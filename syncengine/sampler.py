@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .collective import Collective
-from .denoiser import Conditioning, Denoiser, Step
+from .denoiser import NO_CONTEXT, Conditioning, Denoiser, RequestContext, Step
 from .errors import ConfigError, SyncEngineError
 from .merger import MergeBuffer, Merger
 from .parameterization import alpha_bar, model_output_of, predicted_x0
@@ -144,6 +144,7 @@ class StepState:
     inputs: InputContext
     conds: dict[int, Conditioning]  # per view index
     stats: SamplerStats
+    context: RequestContext = NO_CONTEXT  # the request's conditioning from Denoiser.prepare_request, for every predict
     targets: dict[Any, Any] = field(default_factory=dict)  # per sync group: the anchor's loss target
 
     @property
@@ -334,9 +335,11 @@ class JointSampler:
         canvas: CanvasSpec,
         progress: Callable[[int, int], None] | None = None,
         noise: torch.Tensor | None = None,
+        context: RequestContext = NO_CONTEXT,
     ) -> SampleResult:
         """Algorithm 1's DenoisingOneStep for every timestep. ``noise`` replaces the request's initial canvas noise
-        (default: :meth:`initial_noise` of its seed)."""
+        (default: :meth:`initial_noise` of its seed); ``context`` is what ``denoiser.prepare_request`` returned for
+        the request, passed to every prediction."""
         scheduler, step_kwargs = self._scheduler(request)
         alphas = scheduler.alphas_cumprod.to(torch.float32)
         conds = self._conditionings(request)
@@ -355,7 +358,8 @@ class JointSampler:
             step = Step(i, len(timesteps), t)
             a = alpha_bar(alphas, t)
             weight = self.schedule.weight_at(i) if self.sync_loss is not None else 0.0
-            s = StepState(step, a, weight, InputContext(step, a, self.denoiser, int(request.seed)), conds, stats)
+            s = StepState(step, a, weight, InputContext(step, a, self.denoiser, int(request.seed)), conds, stats,
+                          context=context)
             target.begin(s)
             if s.syncing:  # line 2: the anchor x_t^0 stays; D(phi(x_t^0, t)) is the loss target, once, without gradient
                 s.targets = self._anchor_targets(target.read, s)
@@ -383,7 +387,7 @@ class JointSampler:
     def _predict(self, x: torch.Tensor, batch: Sequence[View], s: StepState) -> torch.Tensor:
         """The denoiser's output at the (synced) latents of one view batch, without gradient."""
         with torch.no_grad():
-            out = self.denoiser.predict(x, s.step, [s.conds[v.index] for v in batch], batch).float()
+            out = self.denoiser.predict(x, s.step, [s.conds[v.index] for v in batch], batch, s.context).float()
         s.stats.unet_views += len(batch)
         return out
 
@@ -402,7 +406,7 @@ class JointSampler:
                 with torch.no_grad():
                     x = anchor.prepare_input(read(anchor), s.inputs)
                     image = decoded_x0(self.denoiser, x, s.step, [s.conds[anchor.index]], [anchor], s.alpha,
-                                       self.options.sync_resolution).float()
+                                       self.options.sync_resolution, s.context).float()
                 s.stats.decodes += 1
                 s.stats.unet_views += 1
             image = self.collective.broadcast_(image, owner)
@@ -430,7 +434,8 @@ class JointSampler:
             view_conds = [s.conds[v.index] for v in views]
 
             def render(lat, views=views, view_conds=view_conds):  # D(phi(x_t^i, t))
-                return decoded_x0(self.denoiser, lat, s.step, view_conds, views, s.alpha, self.options.sync_resolution)
+                return decoded_x0(self.denoiser, lat, s.step, view_conds, views, s.alpha, self.options.sync_resolution,
+                                  s.context)
 
             idx = torch.tensor(chunk, device=x.device)
             group_targets = [s.targets[v.context.get("sync_group", "default")] for v in views]

@@ -6,7 +6,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .denoiser import Conditioning, Denoiser, Step
+from .denoiser import NO_CONTEXT, Conditioning, Denoiser, RequestContext, Step
 from .parameterization import predicted_x0
 from .sync_loss import SyncLoss
 from .views import View
@@ -38,11 +38,13 @@ def decoded_x0(
     views: Sequence[View],
     alpha: torch.Tensor,
     resolution: int | None = None,
+    context: RequestContext = NO_CONTEXT,
 ) -> torch.Tensor:
-    """D(phi(x_t, t)): the decoded, clamped prediction of the clean image for a batch of views.
+    """D(phi(x_t, t)): the decoded, clamped prediction of the clean image for a batch of views, conditioned as the
+    request's ``predict`` calls are (its ``context``).
 
     ``resolution`` resizes the decoded image (shorter side, antialiased) before the loss: a cheaper loss."""
-    out = denoiser.predict(latents, step, conds, views)
+    out = denoiser.predict(latents, step, conds, views, context)
     x0 = predicted_x0(out.to(latents.dtype), latents, alpha.to(latents.device), denoiser.prediction_type)
     image = denoiser.decode_for_sync(x0).clamp(-1, 1)
     if resolution is not None and min(image.shape[-2:]) != resolution:

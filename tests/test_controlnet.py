@@ -103,12 +103,12 @@ def test_unsupported_view_type_is_a_clear_error(tiny_sd, tiny_controlnet, tmp_pa
 
     units = [ControlNetUnit(str(tiny_controlnet))]
     den = ControlNetDenoiser(ControlNetConfig(pretrained=str(tiny_sd), controlnets=units))
-    den.prepare_request(Request("x", inputs={"control": str(random_image(tmp_path / "c.png", 64, 128))}),
-                        CanvasSpec(64, 128))
+    context = den.prepare_request(Request("x", inputs={"control": str(random_image(tmp_path / "c.png", 64, 128))}),
+                                  CanvasSpec(64, 128))
     view = ProjectedView(0, grid=torch.zeros(1, 8, 8, 2))
     cond = Conditioning(den.encode_prompt("x"), 7.5)
     with pytest.raises(SyncEngineError, match="ProjectedView.*CropView.*extract_image"):
-        den.predict(torch.randn(1, 4, 8, 8), Step(0, 1, torch.tensor(500)), [cond], [view])
+        den.predict(torch.randn(1, 4, 8, 8), Step(0, 1, torch.tensor(500)), [cond], [view], context)
 
 
 # ------------------------------------------------------------------------------ arithmetic: the diffusers reference
@@ -224,7 +224,7 @@ def test_region_layout_views_get_their_boxes(tiny_sd, tiny_controlnet, tmp_path)
     canvas = CanvasSpec(64, 160)
     image = coordinate_image(tmp_path / "coords.png", 64, 160)
     request = Request("a landscape", inputs={"control": str(image)})
-    den.prepare_request(request, canvas)
+    context = den.prepare_request(request, canvas)
     mask = torch.zeros(1, 1, 8, 20)
     mask[..., 10:] = 1
     views = [
@@ -232,7 +232,8 @@ def test_region_layout_views_get_their_boxes(tiny_sd, tiny_controlnet, tmp_path)
         CropView(1, top=0, left=8, height=8, width=12, context={"prompt": "a lake"}),
     ]
     calls = record_conditions(den.controlnets[0])
-    JointSampler(den, views, AverageMerger(), None, SyncSchedule(0.0), SamplerOptions(steps=1)).sample(request, canvas)
+    JointSampler(den, views, AverageMerger(), None, SyncSchedule(0.0), SamplerOptions(steps=1)).sample(request, canvas,
+                                                                                                  context=context)
     assert [c.shape for c in calls] == [(2, 3, 64, 160), (2, 3, 64, 96)]
     for batch, left in zip(calls, (0, 64)):
         xs, ys = _coordinates(batch[1])

@@ -111,13 +111,13 @@ def test_inputs_per_controlnet_list_named_key_and_default_image(tiny_spec, tiny_
     assert isinstance(den, ControlNetDenoiser)
     from syncengine.views import CanvasSpec
 
-    den.prepare_request(request, CanvasSpec(64, 160))
-    assert set(den.request_images()) == {"control-0", "control-1"}
-    assert torch.equal(den.conditions[0].cpu(), to_tensor(load_image(b, "b")))  # the unit's own image
-    assert torch.equal(den.conditions[1].cpu(), to_tensor(load_image(a, "a")))  # inputs.edges
+    context = den.prepare_request(request, CanvasSpec(64, 160))
+    assert set(den.request_images(context)) == {"control-0", "control-1"}
+    assert torch.equal(context["controlnet"][0].cpu(), to_tensor(load_image(b, "b")))  # the unit's own image
+    assert torch.equal(context["controlnet"][1].cpu(), to_tensor(load_image(a, "a")))  # inputs.edges
     request.inputs = {"control": [str(a), None], "edges": str(b)}
-    den.prepare_request(request, CanvasSpec(64, 160))
-    assert torch.equal(den.conditions[0].cpu(), to_tensor(load_image(a, "a")))
+    context = den.prepare_request(request, CanvasSpec(64, 160))
+    assert torch.equal(context["controlnet"][0].cpu(), to_tensor(load_image(a, "a")))
     request.inputs = {"control": [str(a)]}
     with pytest.raises(SyncEngineError, match="lists 1 images but the denoiser has 2"):
         den.prepare_request(request, CanvasSpec(64, 160))

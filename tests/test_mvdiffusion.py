@@ -198,8 +198,8 @@ def test_per_view_prompts_condition_their_own_view(tiny_mv):
     x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = mv.predict(x, step_of(mv), [Conditioning(mv.encode_prompt(p), 7.5) for p in prompts], views)
-        mv.prepare_request(Request("ignored", inputs={"view_prompts": prompts}), None)
-        got = mv.predict(x, step_of(mv), conds_for(mv, views, "ignored"), views)
+        context = mv.prepare_request(Request("ignored", inputs={"view_prompts": prompts}), None)
+        got = mv.predict(x, step_of(mv), conds_for(mv, views, "ignored"), views, context)
     assert torch.equal(got, expected)
     with pytest.raises(ConfigError, match="view_prompts"):
         mv.prepare_request(Request("p", inputs={"view_prompts": "one string"}), None)

@@ -106,10 +106,10 @@ def _first_step_inputs(spec):
     seen = []
     predict = den.predict
 
-    def recording(latents, step, conds, views):
+    def recording(latents, step, conds, views, *context):
         if step.index == 0:
             seen.append(latents.detach().clone())
-        return predict(latents, step, conds, views)
+        return predict(latents, step, conds, views, *context)
 
     den.predict = recording
     try:

@@ -1,8 +1,9 @@
 """The ``controlnet`` denoiser: Stable Diffusion plus one or more ControlNets, each window conditioned on its crop.
 
 Per request the condition images are loaded (a ready condition, or a photo through a preprocessor plugin), fitted to
-the canvas and kept canvas-sized; every UNet call then gives each row of the batch the crop under its view
-(:func:`~syncengine_controlnet.conditions.condition_crop`). The sync step's x0 prediction goes through the same
+the canvas and kept canvas-sized in the request's context (part ``"controlnet"``, not on the denoiser, so another
+class's conditioning hooks combine with these); every UNet call then gives each row of the batch the crop under its
+view (:func:`~syncengine_controlnet.conditions.condition_crop`). The sync step's x0 prediction goes through the same
 ``predict``, so it is conditioned the same way (phi_theta(x_t, t, c_i) in the paper). The arithmetic follows
 diffusers' ``StableDiffusionControlNetPipeline``: residuals scaled by ``scale``, summed over ControlNets, applied
 only between the ``start`` and ``end`` fractions of the steps, and in guess mode computed for the conditional rows
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
 import torch
 
-from syncengine.denoiser import Step
+from syncengine.denoiser import NO_CONTEXT, RequestContext, Step
 from syncengine.errors import ConfigError, SyncEngineError
 from syncengine.views import CanvasSpec, View
 from syncengine_sd.denoiser import StableDiffusionConfig, StableDiffusionDenoiser
@@ -107,7 +108,6 @@ class ControlNetDenoiser(StableDiffusionDenoiser):
             if c.gradient_checkpointing:
                 net.enable_gradient_checkpointing()
             self.controlnets.append(net)
-        self.conditions: list[torch.Tensor] | None = None  # canvas-sized [3, H, W] per ControlNet, for this request
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
@@ -120,8 +120,11 @@ class ControlNetDenoiser(StableDiffusionDenoiser):
 
     # ------------------------------------------------------------------------------------------------- conditions
 
-    def prepare_request(self, request: Request, canvas: CanvasSpec) -> None:
-        """Load, preprocess and fit each ControlNet's condition image to the canvas (once per request)."""
+    CONTEXT_PART = "controlnet"  # the request context's part: canvas-sized [3, H, W] condition per ControlNet
+
+    def prepare_request(self, request: Request, canvas: CanvasSpec) -> RequestContext:
+        """Load, preprocess and fit each ControlNet's condition image to the canvas (once per request); they go into
+        the returned context next to the parts of the classes after this one in the MRO."""
         units = self.config.controlnets
         inputs = request.inputs
         sources = request_sources(inputs, len(units), [u.input for u in units])
@@ -142,27 +145,37 @@ class ControlNetDenoiser(StableDiffusionDenoiser):
                     raise SyncEngineError(f"preprocessor of denoiser.controlnets.{i} returned a {image.size[0]}x"
                                           f"{image.size[1]} px image for a {canvas.width}x{canvas.height} px input")
             conditions.append(to_tensor(image).to(self.device))
-        self.conditions = conditions
+        return super().prepare_request(request, canvas).with_part(self.CONTEXT_PART, tuple(conditions))
 
-    def request_images(self) -> dict[str, torch.Tensor]:
-        """The fitted condition images of the last request (saved next to the output for inspection)."""
-        if not self.config.save_condition or not self.conditions:
-            return {}
-        if len(self.conditions) == 1:
-            return {"control": self.conditions[0].cpu()}
-        return {f"control-{i}": c.cpu() for i, c in enumerate(self.conditions)}
+    def request_images(self, context: RequestContext) -> dict[str, torch.Tensor]:
+        """The request's fitted condition images (saved next to the output for inspection)."""
+        out = super().request_images(context)
+        conditions = context.get(self.CONTEXT_PART)
+        if not self.config.save_condition or not conditions:
+            return out
+        if len(conditions) == 1:
+            return {**out, "control": conditions[0].cpu()}
+        return {**out, **{f"control-{i}": c.cpu() for i, c in enumerate(conditions)}}
 
-    def crops(self, unit: int, views: Sequence[View]) -> torch.Tensor:
-        """``[B, 3, h*f, w*f]``: each view's crop of ControlNet ``unit``'s condition."""
-        if self.conditions is None:
-            raise SyncEngineError("the controlnet denoiser has no condition images: call prepare_request first")
-        image = self.conditions[unit]
+    def crops(self, unit: int, views: Sequence[View], context: RequestContext) -> torch.Tensor:
+        """``[B, 3, h*f, w*f]``: each view's crop of ControlNet ``unit``'s condition in the request's ``context``."""
+        conditions = context.get(self.CONTEXT_PART)
+        if conditions is None:
+            raise SyncEngineError("the controlnet denoiser has no condition images: call prepare_request first and "
+                                  "pass its context to predict")
+        image = conditions[unit]
         return torch.stack([condition_crop(v, image, self.latent_factor) for v in views]).to(self.dtype)
 
     # -------------------------------------------------------------------------------------------------- inference
 
     def unet_forward(
-        self, latents: torch.Tensor, step: Step, hidden: torch.Tensor, views: Sequence[View], cond_mask: torch.Tensor
+        self,
+        latents: torch.Tensor,
+        step: Step,
+        hidden: torch.Tensor,
+        views: Sequence[View],
+        cond_mask: torch.Tensor,
+        context: RequestContext = NO_CONTEXT,
     ) -> torch.Tensor:
         down: list[torch.Tensor] | None = None
         mid: torch.Tensor | None = None
@@ -180,7 +193,7 @@ class ControlNetDenoiser(StableDiffusionDenoiser):
                 latents.index_select(0, rows),
                 step.timestep,
                 encoder_hidden_states=hidden.index_select(0, rows),
-                controlnet_cond=self.crops(k, row_views),
+                controlnet_cond=self.crops(k, row_views, context),
                 conditioning_scale=scale,
                 guess_mode=guess,
                 return_dict=False,
@@ -194,7 +207,7 @@ class ControlNetDenoiser(StableDiffusionDenoiser):
             down = list(d) if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         if down is None:
-            return super().unet_forward(latents, step, hidden, views, cond_mask)
+            return super().unet_forward(latents, step, hidden, views, cond_mask, context)
         return self.unet(
             latents, step.timestep, encoder_hidden_states=hidden,
             down_block_additional_residuals=down, mid_block_additional_residual=mid,

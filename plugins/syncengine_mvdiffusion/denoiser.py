@@ -11,12 +11,12 @@ number of views.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
 
-from syncengine.denoiser import Conditioning, PromptEmbedding, Step
+from syncengine.denoiser import NO_CONTEXT, Conditioning, PromptEmbedding, RequestContext, Step
 from syncengine.errors import ConfigError
 from syncengine.views import CanvasSpec, View
 from syncengine_sd.denoiser import StableDiffusionConfig, StableDiffusionDenoiser
@@ -44,6 +44,15 @@ class MVDiffusionConfig(StableDiffusionConfig):
             raise ConfigError("denoiser.neighbors", f"{self.neighbors!r} is not one of {', '.join(NEIGHBOURS)}")
 
 
+@dataclass
+class MVRequest:
+    """The mvdiffusion denoiser's per-request state (its request-context part): the encoded per-view prompts, and
+    which views of the current step arrived in no-grad batches (the check that the sampler did not split them)."""
+
+    view_prompts: Mapping[int, PromptEmbedding] = field(default_factory=dict)
+    seen: tuple[int | None, frozenset[int]] = (None, frozenset())
+
+
 class MVDiffusionDenoiser(StableDiffusionDenoiser):
     """SD components + correspondence-attention blocks; cameras come from ``view.context["camera"]``."""
 
@@ -64,8 +73,7 @@ class MVDiffusionDenoiser(StableDiffusionDenoiser):
         self.blocks.to(self.device, self.dtype).requires_grad_(False).eval()
         self.blocks.attach(self.unet)
         self._plans: dict[Any, Plan] = {}
-        self._seen: tuple[int | None, set[int]] = (None, set())
-        self.view_prompts: dict[int, PromptEmbedding] = {}
+        self._unprepared = MVRequest()  # the state of predictions made without a prepared request's context
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
@@ -75,31 +83,39 @@ class MVDiffusionDenoiser(StableDiffusionDenoiser):
 
     # ----------------------------------------------------------------------------------------------------- request
 
-    def prepare_request(self, request: Request, canvas: CanvasSpec) -> None:
-        """Per-view prompts from ``requests[].inputs.view_prompts`` (one per view, in view order), encoded once."""
-        self._seen = (None, set())
-        self.view_prompts = {}
-        prompts = request.inputs.get("view_prompts")
-        if prompts is None:
-            return
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
-            raise ConfigError("requests[].inputs.view_prompts", "must be a list of non-empty prompts, one per view")
-        cache: dict[str, PromptEmbedding] = {}
-        with torch.no_grad():
-            for i, prompt in enumerate(prompts):
-                if prompt not in cache:
-                    cache[prompt] = self.encode_prompt(prompt, getattr(request, "negative_prompt", ""))
-                self.view_prompts[i] = cache[prompt]
+    CONTEXT_PART = "mvdiffusion"  # the request context's part: an MVRequest
 
-    def _view_conds(self, conds: Sequence[Conditioning], views: Sequence[View]) -> list[Conditioning]:
-        if not self.view_prompts:
+    def prepare_request(self, request: Request, canvas: CanvasSpec) -> RequestContext:
+        """Per-view prompts from ``requests[].inputs.view_prompts`` (one per view, in view order), encoded once, in
+        the request's context with a fresh batch watch."""
+        view_prompts: dict[int, PromptEmbedding] = {}
+        prompts = request.inputs.get("view_prompts")
+        if prompts is not None:
+            if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+                raise ConfigError("requests[].inputs.view_prompts", "must be a list of non-empty prompts, one per view")
+            cache: dict[str, PromptEmbedding] = {}
+            with torch.no_grad():
+                for i, prompt in enumerate(prompts):
+                    if prompt not in cache:
+                        cache[prompt] = self.encode_prompt(prompt, getattr(request, "negative_prompt", ""))
+                    view_prompts[i] = cache[prompt]
+        return super().prepare_request(request, canvas).with_part(self.CONTEXT_PART, MVRequest(view_prompts))
+
+    def request_state(self, context: RequestContext) -> MVRequest:
+        """This denoiser's part of ``context``; predictions outside a prepared request share one of their own."""
+        return context.get(self.CONTEXT_PART, self._unprepared)
+
+    @staticmethod
+    def _view_conds(conds: Sequence[Conditioning], views: Sequence[View], state: MVRequest) -> list[Conditioning]:
+        if not state.view_prompts:
             return list(conds)
         out = []
         for cond, view in zip(conds, views):
-            if view.index not in self.view_prompts:
-                raise ConfigError("requests[].inputs.view_prompts", f"has {len(self.view_prompts)} prompts, but the "
-                                                                    f"tiler made view {view.index}; give one per view")
-            out.append(Conditioning(self.view_prompts[view.index], cond.guidance_scale))
+            if view.index not in state.view_prompts:
+                raise ConfigError("requests[].inputs.view_prompts", f"has {len(state.view_prompts)} prompts, but "
+                                                                    f"the tiler made view {view.index}; give one per "
+                                                                    f"view")
+            out.append(Conditioning(state.view_prompts[view.index], cond.guidance_scale))
         return out
 
     @classmethod
@@ -120,9 +136,10 @@ class MVDiffusionDenoiser(StableDiffusionDenoiser):
             raise ConfigError("runtime.shard", "windows sharding would split the views that the mvdiffusion "
                               "denoiser attends across; use runtime.shard: requests (or one device)")
 
-    def _check_one_batch(self, step: Step, views: Sequence[View]) -> None:
+    @staticmethod
+    def _check_one_batch(step: Step, views: Sequence[View], state: MVRequest) -> None:
         """Views of one step arriving in disjoint no-grad batches means the sampler split them: refuse."""
-        index, seen = self._seen
+        index, seen = state.seen
         if index != step.index:
             index, seen = step.index, set()
         mine = {v.index for v in views}
@@ -130,20 +147,21 @@ class MVDiffusionDenoiser(StableDiffusionDenoiser):
             raise ConfigError("sampler.view_batch_size", f"the mvdiffusion denoiser needs all views of a request in "
                               f"one batch, but views {sorted(seen)} and {sorted(mine)} came apart; set it to at least "
                               f"the number of views (and use one device or runtime.shard: requests)")
-        self._seen = (index, seen | mine)
+        state.seen = (index, frozenset(seen | mine))
 
     # --------------------------------------------------------------------------------------------------- inference
 
-    def predict(self, latents: torch.Tensor, step: Step, conds: Sequence[Conditioning],
-                views: Sequence[View]) -> torch.Tensor:
+    def predict(self, latents: torch.Tensor, step: Step, conds: Sequence[Conditioning], views: Sequence[View],
+                context: RequestContext = NO_CONTEXT) -> torch.Tensor:
+        state = self.request_state(context)
         if not torch.is_grad_enabled():
-            self._check_one_batch(step, views)
-        return super().predict(latents, step, self._view_conds(conds, views), views)
+            self._check_one_batch(step, views, state)
+        return super().predict(latents, step, self._view_conds(conds, views, state), views, context)
 
     def unet_forward(self, latents: torch.Tensor, step: Step, hidden: torch.Tensor, views: Sequence[View],
-                     cond_mask: torch.Tensor) -> torch.Tensor:
+                     cond_mask: torch.Tensor, context: RequestContext = NO_CONTEXT) -> torch.Tensor:
         self.blocks.plan = self.plan(views, cond_mask)
-        return super().unet_forward(latents, step, hidden, views, cond_mask)
+        return super().unet_forward(latents, step, hidden, views, cond_mask, context)
 
     def camera(self, view: View) -> Camera:
         camera = view.context.get("camera")

@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from syncengine.denoiser import Conditioning, Denoiser, PromptEmbedding, Step
+from syncengine.denoiser import NO_CONTEXT, Conditioning, Denoiser, PromptEmbedding, RequestContext, Step
 from syncengine.errors import ConfigError
 from syncengine.schedulers import make_scheduler
 from syncengine.views import View
@@ -127,14 +127,25 @@ class StableDiffusionDenoiser(Denoiser):
         return PromptEmbedding(negative=negative, positive=positive)
 
     def unet_forward(
-        self, latents: torch.Tensor, step: Step, hidden: torch.Tensor, views: Sequence[View], cond_mask: torch.Tensor
+        self,
+        latents: torch.Tensor,
+        step: Step,
+        hidden: torch.Tensor,
+        views: Sequence[View],
+        cond_mask: torch.Tensor,
+        context: RequestContext = NO_CONTEXT,
     ) -> torch.Tensor:
-        """One UNet call; subclasses (ControlNet) add residuals here. ``cond_mask`` flags rows that are
-        conditional (True) or unconditional (False) in the CFG batch."""
+        """One UNet call; subclasses (ControlNet) add residuals here, reading their per-request part of ``context``.
+        ``cond_mask`` flags rows that are conditional (True) or unconditional (False) in the CFG batch."""
         return self.unet(latents, step.timestep, encoder_hidden_states=hidden).sample
 
     def predict(
-        self, latents: torch.Tensor, step: Step, conds: Sequence[Conditioning], views: Sequence[View]
+        self,
+        latents: torch.Tensor,
+        step: Step,
+        conds: Sequence[Conditioning],
+        views: Sequence[View],
+        context: RequestContext = NO_CONTEXT,
     ) -> torch.Tensor:
         x = latents.to(self.dtype)
         scales = torch.tensor([c.guidance_scale for c in conds], device=x.device, dtype=torch.float32)
@@ -142,11 +153,12 @@ class StableDiffusionDenoiser(Denoiser):
         positive = torch.cat([e.positive for e in embeds])
         if bool((scales <= 1).all()):  # no guidance: conditional branch only (as diffusers does)
             mask = torch.ones(len(conds), dtype=torch.bool, device=x.device)
-            return self.unet_forward(x, step, positive, views, mask).float()
+            return self.unet_forward(x, step, positive, views, mask, context).float()
         negative = torch.cat([e.negative for e in embeds])
         n = x.shape[0]
         mask = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)]).to(x.device)
-        out = self.unet_forward(torch.cat([x, x]), step, torch.cat([negative, positive]), list(views) * 2, mask)
+        out = self.unet_forward(torch.cat([x, x]), step, torch.cat([negative, positive]), list(views) * 2, mask,
+                                 context)
         uncond, cond = out.float().chunk(2)
         g = scales.view(-1, 1, 1, 1)
         return uncond + g * (cond - uncond)
