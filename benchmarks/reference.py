@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from syncengine.denoiser import Conditioning, Denoiser, Step
-from syncengine.parameterization import alpha_bar
+from syncengine.parameterization import noise_level
 from syncengine.sync import decoded_x0
 from syncengine.sync_loss import SyncLoss
 from syncengine.views import View
@@ -43,7 +43,7 @@ def reference_syncdiffusion(
     anchor = views[len(views) // 2]
     for i, t in enumerate(sched.timesteps):
         step = Step(i, steps, t)
-        a = alpha_bar(sched.alphas_cumprod.to(torch.float32), t)
+        a = noise_level(sched, i, t)
         w = weight * decay**i
         with torch.no_grad():
             target = loss.prepare_target(decoded_x0(den, anchor.extract(latent), step, [cond], [anchor], a).float())

@@ -92,8 +92,8 @@ class Denoiser(Plugin):
 
     Contract for implementers:
     - ``latent_factor``/``latent_channels``: pixels per latent and latent channels (SD: 8 and 4).
-    - ``prediction_type``: what the network outputs, ``"epsilon"``, ``"v_prediction"`` or ``"sample"``; the sampler
-      converts with :mod:`syncengine.parameterization`.
+    - ``prediction_type``: what the network outputs, ``"epsilon"``, ``"v_prediction"``, ``"sample"`` or (rectified
+      flows) ``"flow_prediction"``; the sampler converts with :mod:`syncengine.parameterization`.
     - ``make_scheduler(name)`` returns a fresh diffusers scheduler configured for this model.
     - ``predict(latents, step, conds, views, context)`` runs the network on a batch of views ``[B, C, h, w]`` and
       returns its output with classifier-free guidance applied; ``context`` is what :meth:`prepare_request` returned
@@ -119,6 +119,12 @@ class Denoiser(Plugin):
 
     @abstractmethod
     def make_scheduler(self, name: str, **options: Any): ...
+
+    def set_timesteps(self, scheduler: Any, steps: int, views: Sequence[View]) -> None:
+        """Set a fresh scheduler's timesteps for a request over ``views``. Flow models with a resolution-dependent
+        shift (FLUX) compute it here from one view's size: each window is sampled as the model was trained, whatever
+        the canvas."""
+        scheduler.set_timesteps(steps, device=self.device)
 
     @abstractmethod
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> Any: ...

@@ -29,7 +29,7 @@ from .collective import Collective
 from .denoiser import NO_CONTEXT, Conditioning, Denoiser, RequestContext, Step
 from .errors import ConfigError, SyncEngineError
 from .merger import MergeBuffer, Merger
-from .parameterization import alpha_bar, model_output_of, predicted_x0
+from .parameterization import NoiseLevel, ddim_step, is_flow_scheduler, model_output_of, noise_level, predicted_x0
 from .schedulers import ALIASES
 from .sync import SyncSchedule, decoded_x0, sync_gradient
 from .sync_loss import SyncLoss
@@ -68,16 +68,16 @@ class SampleResult:
     stats: dict[str, Any]  # SamplerStats.to_dict()
 
 
-X0_SCHEDULERS = ("DDIMScheduler",)
-"""Schedulers the x0 merge target supports: deterministic and stateless in alpha space, so a step is a function of
-(x_t, x0) alone and each view can take its own with the merged x0."""
+X0_SCHEDULERS = ("DDIMScheduler", "FlowMatchEulerDiscreteScheduler")
+"""Schedulers the x0 merge target supports: deterministic first-order steps, a function of (x_t, x0) alone, so each
+view can take its own with the merged x0 (DDIM; a rectified flow's Euler step is the same step in flow space)."""
 
 
 def check_x0_scheduler(scheduler: str) -> None:
     """The rule for ``merger.target: x0``, for spec validation and for direct users of :class:`JointSampler`."""
     if ALIASES.get(scheduler, (scheduler,))[0] not in X0_SCHEDULERS:
         raise ConfigError("sampler.scheduler", f"merger.target x0 takes one DDIM step per view; {scheduler!r} "
-                                               "cannot: use ddim or merger.target xt")
+                                               "cannot: use ddim (flow models: flow_euler) or merger.target xt")
 
 
 def check_step_count(scheduler: Any, steps: int) -> None:
@@ -139,7 +139,7 @@ class StepState:
     """What one denoising step of Algorithm 1 knows: shared by the loop, the sync update and the merge target."""
 
     step: Step
-    alpha: torch.Tensor  # alpha_bar at t
+    level: NoiseLevel  # x_t = signal x0 + noise eps at t (alpha space, or a rectified flow's)
     weight: float  # w of Eq. 14 at this step; 0: no sync
     inputs: InputContext
     conds: dict[int, Conditioning]  # per view index
@@ -161,12 +161,14 @@ class XtMerge:
                  owned: list[View], step_kwargs: dict[str, Any]):
         self.sampler, self.scheduler, self.weights, self.step_kwargs = sampler, scheduler, weights, step_kwargs
         self.device = sampler.denoiser.device
-        self.latents = (noise * scheduler.init_noise_sigma).to(self.device)
+        self.latents = (noise * getattr(scheduler, "init_noise_sigma", 1.0)).to(self.device)  # flow: 1, no attribute
 
     def begin(self, s: StepState) -> None:
-        # Views see alpha-space latents: identity for DDIM-like schedulers, 1/sqrt(sigma^2+1) for Euler-like.
-        ones = torch.ones(1, device=self.device)
-        self.scale = float(self.scheduler.scale_model_input(ones, s.step.timestep).reshape(-1)[0])
+        # Views see the model's latents: identity for DDIM-like and flow schedulers, 1/sqrt(sigma^2+1) for Euler-like.
+        self.scale = 1.0
+        if hasattr(self.scheduler, "scale_model_input"):
+            ones = torch.ones(1, device=self.device)
+            self.scale = float(self.scheduler.scale_model_input(ones, s.step.timestep).reshape(-1)[0])
         self.model_canvas = self.latents * self.scale
         shape = self.latents.shape
         self.eps = MergeBuffer(shape, device=self.device, weight=self.weights)
@@ -228,7 +230,7 @@ class X0Merge:
     def add(self, batch: Sequence[View], windows: list, prepared: list, x: torch.Tensor, out: torch.Tensor,
             s: StepState) -> None:
         with torch.no_grad():  # Tweedie: x0^i = (x_hat_t^i - sqrt(1 - a) eps^i) / sqrt(a), for epsilon prediction
-            x0 = predicted_x0(out, x, s.alpha.to(self.device), self.sampler.denoiser.prediction_type)
+            x0 = predicted_x0(out, x, s.level.to(x), self.sampler.denoiser.prediction_type)
         for k, view in enumerate(batch):
             w = self.sampler.merger.weight(view, device=self.device)
             self.x0.add(view, x0[k : k + 1], w)
@@ -238,19 +240,23 @@ class X0Merge:
 
     def step(self, s: StepState) -> None:
         self.sampler.collective.all_reduce_([self.x0.sum] + ([self.xt.sum] if self.xt is not None else []))
-        t, a, ptype = s.step.timestep, s.alpha, self.scheduler.config.prediction_type
         merged_x0 = self.x0.result(self.zeros)  # Eq. 12 on x0
         check_finite(merged_x0, s.step.index, s.step.total)  # merged and all-reduced: the same verdict on every rank
         if self.last:  # positions no view covered stay 0 (x0 = 0, x_t = 0)
-            xt = self.xt.result(self.zeros)
-            self.latents = self.scheduler.step(model_output_of(merged_x0, xt, a, ptype), t, xt).prev_sample
+            self.latents = self.own_step(merged_x0, self.xt.result(self.zeros), s)
             check_finite(self.latents, s.step.index, s.step.total)
             return
         with torch.no_grad():  # Eq. 11 per view: x_{t-1}^i = S(x_hat_t^i, t, eps(x_hat_t^i, T_{z->i}(x0)))
             for view in self.owned:
-                x_t = self.current[view.index]
-                out = model_output_of(view.extract(merged_x0), x_t, a, ptype)
-                self.states[view.index] = self.scheduler.step(out, t, x_t).prev_sample
+                self.states[view.index] = self.own_step(view.extract(merged_x0), self.current[view.index], s)
+
+    def own_step(self, x0: torch.Tensor, x_t: torch.Tensor, s: StepState) -> torch.Tensor:
+        """One view's step from x_t given x0: the scheduler's DDIM step, or a flow's Euler step (the same step in flow
+        space, written out: diffusers' flow scheduler counts its calls, one per step, not one per view)."""
+        if is_flow_scheduler(self.scheduler):
+            return ddim_step(x0, x_t, s.level, NoiseLevel.flow(self.scheduler.sigmas[s.step.index + 1]))
+        out = model_output_of(x0, x_t, s.level, self.scheduler.config.prediction_type)
+        return self.scheduler.step(out, s.step.timestep, x_t).prev_sample
 
     def result(self) -> torch.Tensor:
         return self.latents
@@ -323,7 +329,7 @@ class JointSampler:
         opts = self.options
         scheduler = self.denoiser.make_scheduler(opts.scheduler, **opts.scheduler_options)
         check_step_count(scheduler, opts.steps)
-        scheduler.set_timesteps(opts.steps, device=self.denoiser.device)
+        self.denoiser.set_timesteps(scheduler, opts.steps, self.views)
         step_kwargs = {}
         if "generator" in inspect.signature(scheduler.step).parameters:
             step_kwargs["generator"] = torch.Generator("cpu").manual_seed(int(request.seed) + 1)
@@ -341,7 +347,6 @@ class JointSampler:
         (default: :meth:`initial_noise` of its seed); ``context`` is what ``denoiser.prepare_request`` returned for
         the request, passed to every prediction."""
         scheduler, step_kwargs = self._scheduler(request)
-        alphas = scheduler.alphas_cumprod.to(torch.float32)
         conds = self._conditionings(request)
         owned = self.collective.owned(self.views)
         if noise is None:
@@ -356,10 +361,10 @@ class JointSampler:
         batches = -(-len(owned) // self.options.view_batch_size)
         for i, t in enumerate(timesteps):
             step = Step(i, len(timesteps), t)
-            a = alpha_bar(alphas, t)
+            level = noise_level(scheduler, i, t)
             weight = self.schedule.weight_at(i) if self.sync_loss is not None else 0.0
-            s = StepState(step, a, weight, InputContext(step, a, self.denoiser, int(request.seed)), conds, stats,
-                          context=context)
+            s = StepState(step, level, weight, InputContext(step, level, self.denoiser, int(request.seed)), conds,
+                          stats, context=context)
             target.begin(s)
             if s.syncing:  # line 2: the anchor x_t^0 stays; D(phi(x_t^0, t)) is the loss target, once, without gradient
                 s.targets = self._anchor_targets(target.read, s)
@@ -405,7 +410,7 @@ class JointSampler:
             if owner == self.collective.rank:
                 with torch.no_grad():
                     x = anchor.prepare_input(read(anchor), s.inputs)
-                    image = decoded_x0(self.denoiser, x, s.step, [s.conds[anchor.index]], [anchor], s.alpha,
+                    image = decoded_x0(self.denoiser, x, s.step, [s.conds[anchor.index]], [anchor], s.level,
                                        self.options.sync_resolution, s.context).float()
                 s.stats.decodes += 1
                 s.stats.unet_views += 1
@@ -434,7 +439,7 @@ class JointSampler:
             view_conds = [s.conds[v.index] for v in views]
 
             def render(lat, views=views, view_conds=view_conds):  # D(phi(x_t^i, t))
-                return decoded_x0(self.denoiser, lat, s.step, view_conds, views, s.alpha, self.options.sync_resolution,
+                return decoded_x0(self.denoiser, lat, s.step, view_conds, views, s.level, self.options.sync_resolution,
                                   s.context)
 
             idx = torch.tensor(chunk, device=x.device)

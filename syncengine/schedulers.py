@@ -20,6 +20,7 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm++": ("DPMSolverMultistepScheduler", {}),
     "dpm++_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),  # rectified-flow models (SD3, FLUX)
 }
 
 
@@ -78,3 +79,18 @@ def make_scheduler(name: str, base_config: dict, **options: Any):
     class_name, preset = ALIASES.get(name, (name, {}))
     cls = _diffusers_class(class_name)
     return cls.from_config(dict(base_config), **{**preset, **options})
+
+
+def is_flow_scheduler_name(name: str, options: dict[str, Any] | None = None) -> bool:
+    """Whether a scheduler name (and its options) steps a rectified flow; known before any model loads."""
+    class_name = ALIASES.get(name, (name, {}))[0]
+    return class_name.startswith("FlowMatch") or bool((options or {}).get("use_flow_sigmas", False))
+
+
+def check_flow_scheduler(name: str, options: dict[str, Any], family: str) -> None:
+    """A rectified-flow model (SD3, FLUX) needs a flow scheduler, a diffusion model one of the others: say so at
+    validation instead of sampling garbage."""
+    check_scheduler_name(name)
+    if not is_flow_scheduler_name(name, options):
+        raise ConfigError("sampler.scheduler", f"{family} is a rectified-flow model; {name!r} is a diffusion "
+                                               "scheduler: use flow_euler (FlowMatchEulerDiscreteScheduler)")

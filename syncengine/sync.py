@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .denoiser import NO_CONTEXT, Conditioning, Denoiser, RequestContext, Step
-from .parameterization import predicted_x0
+from .parameterization import NoiseLevel, predicted_x0
 from .sync_loss import SyncLoss
 from .views import View
 
@@ -36,7 +36,7 @@ def decoded_x0(
     step: Step,
     conds: Sequence[Conditioning],
     views: Sequence[View],
-    alpha: torch.Tensor,
+    level: NoiseLevel,
     resolution: int | None = None,
     context: RequestContext = NO_CONTEXT,
 ) -> torch.Tensor:
@@ -45,7 +45,7 @@ def decoded_x0(
 
     ``resolution`` resizes the decoded image (shorter side, antialiased) before the loss: a cheaper loss."""
     out = denoiser.predict(latents, step, conds, views, context)
-    x0 = predicted_x0(out.to(latents.dtype), latents, alpha.to(latents.device), denoiser.prediction_type)
+    x0 = predicted_x0(out.to(latents.dtype), latents, level.to(latents), denoiser.prediction_type)
     image = denoiser.decode_for_sync(x0).clamp(-1, 1)
     if resolution is not None and min(image.shape[-2:]) != resolution:
         h, w = image.shape[-2:]

@@ -88,12 +88,12 @@ class View(ABC):
 
 @dataclass(frozen=True)
 class InputContext:
-    """What :meth:`View.prepare_input` may use: the step, ``alpha_bar`` at its timestep (views see alpha-space
-    latents, so ``sqrt(a) * x0 + sqrt(1 - a) * noise`` noises a clean latent to this step), the denoiser (to encode
-    images) and the request's seed (for reproducible per-view randomness)."""
+    """What :meth:`View.prepare_input` may use: the step, its noise level (``level.noised(x0, noise)`` brings a clean
+    latent to this step, for diffusion and flow models alike), the denoiser (to encode images) and the request's seed
+    (for reproducible per-view randomness)."""
 
     step: Any
-    alpha_bar: torch.Tensor
+    level: Any  # parameterization.NoiseLevel
     denoiser: Any
     seed: int
 

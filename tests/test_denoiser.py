@@ -6,7 +6,7 @@ import torch
 
 from syncengine.denoiser import Conditioning, Step
 from syncengine.errors import ModelNotFoundError
-from syncengine.parameterization import alpha_bar, predicted_epsilon, predicted_x0
+from syncengine.parameterization import NoiseLevel, alpha_bar, predicted_epsilon, predicted_x0
 from syncengine_sd.denoiser import StableDiffusionConfig, StableDiffusionDenoiser
 
 
@@ -65,15 +65,16 @@ def test_parameterizations_agree_with_diffusers_ddim(tiny_sd_v):
     x = torch.randn(1, 4, 8, 8)
     v = torch.randn(1, 4, 8, 8)
     a = alpha_bar(sched.alphas_cumprod, t)
+    level = NoiseLevel.diffusion(a)
     ref = sched.step(v, t, x).pred_original_sample
-    torch.testing.assert_close(predicted_x0(v, x, a, "v_prediction"), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(predicted_x0(v, x, level, "v_prediction"), ref, atol=1e-5, rtol=1e-5)
     # x_t = sqrt(a) x0 + sqrt(1-a) eps is recovered from both conversions
-    x0, eps = predicted_x0(v, x, a, "v_prediction"), predicted_epsilon(v, x, a, "v_prediction")
+    x0, eps = predicted_x0(v, x, level, "v_prediction"), predicted_epsilon(v, x, level, "v_prediction")
     torch.testing.assert_close(a.sqrt() * x0 + (1 - a).sqrt() * eps, x, atol=1e-5, rtol=1e-5)
     e = torch.randn(1, 4, 8, 8)
     sched_e = den.make_scheduler("ddim", prediction_type="epsilon")
     sched_e.set_timesteps(10)
-    torch.testing.assert_close(predicted_x0(e, x, a, "epsilon"), sched_e.step(e, t, x).pred_original_sample,
+    torch.testing.assert_close(predicted_x0(e, x, level, "epsilon"), sched_e.step(e, t, x).pred_original_sample,
                                atol=1e-5, rtol=1e-5)
 
 

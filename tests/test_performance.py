@@ -164,10 +164,11 @@ def test_sync_resolution_sizes_the_loss_images(tiny_spec, with_torch_home):
     sched = den.make_scheduler("ddim")
     sched.set_timesteps(2)
     from syncengine.denoiser import Conditioning, Step
+    from syncengine.parameterization import NoiseLevel
 
     cond = Conditioning(den.encode_prompt("a"), 7.5)
     step, x = Step(0, 2, sched.timesteps[0]), torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    a = sched.alphas_cumprod[int(sched.timesteps[0])]
+    a = NoiseLevel.diffusion(sched.alphas_cumprod[int(sched.timesteps[0])])
     with torch.no_grad():
         full = decoded_x0(den, x, step, [cond], [None], a, None)
         small = decoded_x0(den, x, step, [cond], [None], a, 32)

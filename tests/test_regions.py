@@ -13,6 +13,7 @@ from PIL import Image
 from syncengine.cli import main
 from syncengine.config import resolve
 from syncengine.denoiser import Step
+from syncengine.parameterization import NoiseLevel
 from syncengine.pipeline import Pipeline
 from syncengine.views import CropView, InputContext
 from syncengine_regions.layouts import demo_layout
@@ -92,7 +93,7 @@ def test_bootstrapping_composes_the_region_over_a_noised_solid_colour(tiny_sd):
     view = RegionView(3, top=0, left=0, height=8, width=8, weight=m, bootstrap=0.5, backgrounds=backgrounds)
     x = torch.randn(1, 4, 8, 8)
     a = torch.tensor(0.3)
-    inputs = InputContext(Step(1, 4, torch.tensor(500)), a, den, seed=7)
+    inputs = InputContext(Step(1, 4, torch.tensor(500)), NoiseLevel.diffusion(a), den, seed=7)
     out = view.prepare_input(x, inputs)
     index, noise = backgrounds.draw(7, 3, 1, (1, 4, 8, 8))
     color = backgrounds.colors(7)[index]
@@ -102,9 +103,10 @@ def test_bootstrapping_composes_the_region_over_a_noised_solid_colour(tiny_sd):
     assert torch.allclose(out, expected, atol=1e-6)
     assert torch.equal(out[..., 2:6, 1:5], x[..., 2:6, 1:5])
     assert torch.equal(view.prepare_input(x, inputs), out)  # reproducible from (seed, view, step)
-    later = InputContext(Step(2, 4, torch.tensor(250)), a, den, seed=7)  # fraction 0.5: bootstrapping is over
+    # fraction 0.5: bootstrapping is over
+    later = InputContext(Step(2, 4, torch.tensor(250)), NoiseLevel.diffusion(a), den, seed=7)
     assert torch.equal(view.prepare_input(x, later), x)
-    other_step = InputContext(Step(0, 4, torch.tensor(750)), a, den, seed=7)
+    other_step = InputContext(Step(0, 4, torch.tensor(750)), NoiseLevel.diffusion(a), den, seed=7)
     assert not torch.equal(view.prepare_input(x, other_step), out)
     full = RegionView(4, top=0, left=0, height=8, width=8, weight=torch.ones(1, 1, 8, 8), bootstrap=1.0,
                       backgrounds=backgrounds)

@@ -8,7 +8,7 @@ import torch
 from syncengine.config import resolve
 from syncengine.errors import ConfigError
 from syncengine.merger import Merger, MergerConfig
-from syncengine.parameterization import model_output_of, predicted_x0
+from syncengine.parameterization import NoiseLevel, model_output_of, predicted_x0
 from syncengine.pipeline import Pipeline
 from syncengine.sampler import JointSampler, SamplerOptions
 from syncengine.sync import SyncSchedule
@@ -23,11 +23,12 @@ class _Ones(Merger):
         return torch.ones(1, 1, *view.latent_size)
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample", "flow_prediction"])
 def test_model_output_of_inverts_predicted_x0(prediction_type):
     g = torch.Generator().manual_seed(0)
     x_t, x0 = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64).unbind(0)
     a = torch.tensor(0.3, dtype=torch.float64)
+    a = NoiseLevel.flow(a) if prediction_type == "flow_prediction" else NoiseLevel.diffusion(a)
     out = model_output_of(x0, x_t, a, prediction_type)
     torch.testing.assert_close(predicted_x0(out, x_t, a, prediction_type), x0)
 

@@ -8,7 +8,7 @@ from _tolerance import KERNEL_ULPS, assert_reordered_close, reorder_tolerance
 from benchmarks.reference import reference_syncdiffusion
 from syncengine.config import resolve
 from syncengine.denoiser import Conditioning, Step
-from syncengine.parameterization import alpha_bar
+from syncengine.parameterization import NoiseLevel, alpha_bar
 from syncengine.pipeline import Pipeline
 from syncengine.sampler import JointSampler, Request, SamplerOptions, resolve_anchor
 from syncengine.sync import SyncSchedule, decoded_x0, sync_gradient
@@ -36,7 +36,7 @@ def test_sync_step_descends_the_loss(tiny_spec):
     sched.set_timesteps(10)
     t = sched.timesteps[2]
     step = Step(2, 10, t)
-    a = alpha_bar(sched.alphas_cumprod, t)
+    a = NoiseLevel.diffusion(alpha_bar(sched.alphas_cumprod, t))
     canvas = torch.randn(resolved.canvas.latent_shape(), generator=torch.Generator().manual_seed(0))
     cond = Conditioning(den.encode_prompt("a photo of a mountain"), 7.5)
     anchor = resolve_anchor("center", views)
@@ -197,5 +197,5 @@ def test_anchor_image_shape_is_known_before_decoding(tiny_spec, scale, resolutio
     cond = Conditioning(den.encode_prompt("a"), 1.0)
     with torch.no_grad():
         image = decoded_x0(den, anchor.extract(torch.randn(resolved.canvas.latent_shape())), Step(0, 4, t), [cond],
-                           [anchor], alpha_bar(sched.alphas_cumprod, t), resolution)
+                           [anchor], NoiseLevel.diffusion(alpha_bar(sched.alphas_cumprod, t)), resolution)
     assert sampler._anchor_image_shape(anchor) == tuple(image.shape)

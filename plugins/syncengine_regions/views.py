@@ -69,6 +69,5 @@ class RegionView(CropView):
         seed = inputs.seed
         index, noise = self.backgrounds.draw(seed, self.index, inputs.step.index, tuple(x.shape))
         bg = self.backgrounds.latent(inputs.denoiser, seed, index, *self.latent_size)
-        a = inputs.alpha_bar.to(device=x.device, dtype=x.dtype)
-        noisy = a.sqrt() * bg.to(x) + (1 - a).sqrt() * noise.to(x)
+        noisy = inputs.level.noised(bg.to(x), noise.to(x))
         return x * m + noisy * (1 - m)
