@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from syncengine.denoiser import Conditioning, Denoiser, Step
-from syncengine.parameterization import noise_level
+from syncengine.parameterization import is_flow_scheduler, noise_level
 from syncengine.sync import decoded_x0
 from syncengine.sync_loss import SyncLoss
 from syncengine.views import View
@@ -33,10 +33,16 @@ def reference_syncdiffusion(
     guidance: float,
     prompt: str,
     anchor_gradient: bool = True,
+    scheduler: str = "ddim",
 ) -> torch.Tensor:
-    """The final latent canvas from initial noise ``canvas0`` (DDIM, the centre window as anchor, sync every step)."""
-    sched = den.make_scheduler("ddim")
-    sched.set_timesteps(steps, device=den.device)
+    """The final latent canvas from initial noise ``canvas0`` (the centre window as anchor, sync every step).
+
+    ``scheduler``: ``ddim``, stepped by diffusers per window; or, for rectified-flow models, ``flow_euler``, whose
+    per-window Euler step ``x + (sigma' - sigma) v`` is written out here (diffusers' flow scheduler counts its calls:
+    one per step, not one per window)."""
+    sched = den.make_scheduler(scheduler)
+    den.set_timesteps(sched, steps, views)
+    flow = is_flow_scheduler(sched)
     with torch.no_grad():
         cond = Conditioning(den.encode_prompt(prompt, ""), guidance)
     latent = canvas0.to(den.device).clone()
@@ -60,7 +66,10 @@ def reference_syncdiffusion(
                     x = x - w * g
             with torch.no_grad():
                 eps = den.predict(x, step, [cond], [view]).float()
-                stepped = sched.step(eps, t, x).prev_sample
+                if flow:
+                    stepped = x + (sched.sigmas[i + 1] - sched.sigmas[i]).to(x) * eps
+                else:
+                    stepped = sched.step(eps, t, x).prev_sample
             view.scatter_add(stepped, value)
             view.scatter_add(torch.ones_like(stepped), count)
         latent = torch.where(count > 0, value / count.clamp_min(1e-8), value)

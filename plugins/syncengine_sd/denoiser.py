@@ -13,6 +13,7 @@ from syncengine.schedulers import make_scheduler
 from syncengine.views import View
 
 from .loading import TINY_MODEL, check_device, check_tokenizer, load_pipeline, torch_device, torch_dtype
+from .sync_decoding import SyncDecoding, check_sync_decode_scale
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class StableDiffusionConfig:
             check_device(self.device, "denoiser.device")
 
 
-class StableDiffusionDenoiser(Denoiser):
+class StableDiffusionDenoiser(SyncDecoding, Denoiser):
     """Stable Diffusion UNet + CLIP text encoder + VAE, from any source diffusers can load."""
 
     Config = StableDiffusionConfig
@@ -46,8 +47,7 @@ class StableDiffusionDenoiser(Denoiser):
         c = self.config
         if c.prediction_type not in (None, "epsilon", "v_prediction"):
             raise ConfigError("denoiser.prediction_type", f"{c.prediction_type!r} is not epsilon or v_prediction")
-        if not 0 < c.sync_decode_scale <= 1:
-            raise ConfigError("denoiser.sync_decode_scale", f"must be in (0, 1], got {c.sync_decode_scale}")
+        check_sync_decode_scale(c.sync_decode_scale)
         self.device = torch_device(c.device)
         self.dtype = torch_dtype(c.dtype, self.device)
         self.is_tiny = c.pretrained == TINY_MODEL
@@ -69,7 +69,7 @@ class StableDiffusionDenoiser(Denoiser):
         self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
         self.latent_channels = self.unet.config.in_channels
         self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.sync_decoder = self._load_sync_decoder()
+        self.sync_decoder = self.load_sync_decoder()
 
     # ----------------------------------------------------------------------------------------------------- loading
 
@@ -88,21 +88,6 @@ class StableDiffusionDenoiser(Denoiser):
         if c.single_file_config:
             kwargs["single_file_config"] = c.single_file_config
         return load_pipeline(self._pipeline_class(), c.pretrained, self.dtype, **kwargs)
-
-    def _load_sync_decoder(self):
-        if not self.config.sync_vae:
-            return None
-        from diffusers import AutoencoderTiny
-
-        from .loading import _not_found
-
-        ref = self.config.sync_vae
-        try:
-            vae = AutoencoderTiny.from_pretrained(ref, torch_dtype=self.dtype)
-        except (OSError, ValueError) as exc:
-            raise _not_found(ref, "tiny autoencoder (denoiser.sync_vae)", exc) from exc
-        vae.requires_grad_(False).eval().to(self.device)
-        return vae
 
     @property
     def default_window(self) -> int:
@@ -135,9 +120,25 @@ class StableDiffusionDenoiser(Denoiser):
         cond_mask: torch.Tensor,
         context: RequestContext = NO_CONTEXT,
     ) -> torch.Tensor:
-        """One UNet call; subclasses (ControlNet) add residuals here, reading their per-request part of ``context``.
-        ``cond_mask`` flags rows that are conditional (True) or unconditional (False) in the CFG batch."""
-        return self.unet(latents, step.timestep, encoder_hidden_states=hidden).sample
+        """One UNet call, with the keyword arguments of :meth:`unet_kwargs`. ``cond_mask`` flags rows that are
+        conditional (True) or unconditional (False) in the CFG batch. A denoiser whose network is not diffusers'
+        UNet call (MVDiffusion's multi-view UNet) overrides this and passes :meth:`unet_kwargs` on."""
+        kwargs = self.unet_kwargs(latents, step, hidden, views, cond_mask, context)
+        return self.unet(latents, step.timestep, encoder_hidden_states=hidden, **kwargs).sample
+
+    def unet_kwargs(
+        self,
+        latents: torch.Tensor,
+        step: Step,
+        hidden: torch.Tensor,
+        views: Sequence[View],
+        cond_mask: torch.Tensor,
+        context: RequestContext = NO_CONTEXT,
+    ) -> dict[str, Any]:
+        """Extra keyword arguments of the UNet call for this batch: the hook conditioning composes through. A family
+        adds its own (SDXL: ``added_cond_kwargs``), a conditioning adds its part to ``super().unet_kwargs(...)``'s
+        (ControlNet: residuals), each reading its per-request part of ``context``. None for SD."""
+        return {}
 
     def predict(
         self,
@@ -169,22 +170,6 @@ class StableDiffusionDenoiser(Denoiser):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         posterior = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
         return (posterior.mean * self.vae.config.scaling_factor).float()
-
-    def sync_image_size(self, latent_size: tuple[int, int]) -> tuple[int, int]:
-        scale = self.config.sync_decode_scale
-        return tuple(max(1, round(s * scale)) * self.latent_factor for s in latent_size)  # type: ignore[return-value]
-
-    def decode_for_sync(self, latents: torch.Tensor) -> torch.Tensor:
-        """The sync loss's image: the decoder's cost grows with pixels, so ``sync_decode_scale`` shrinks the latents
-        first (anchor and views alike; the loss then compares coarser images), and ``sync_vae`` swaps the decoder."""
-        scale = self.config.sync_decode_scale
-        if scale != 1:
-            size = [max(1, round(s * scale)) for s in latents.shape[-2:]]
-            latents = torch.nn.functional.interpolate(latents, size=size, mode="bilinear", antialias=True,
-                                                      align_corners=False)
-        if self.sync_decoder is None:
-            return self.decode(latents)
-        return self.sync_decoder.decode(latents.to(self.dtype) / self.sync_decoder.config.scaling_factor).sample.float()
 
     def decode_final(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
         if tiled:
