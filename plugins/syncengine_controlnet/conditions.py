@@ -8,15 +8,16 @@ under its latent region, never the whole image squeezed into every tile.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
-from syncengine.errors import ConfigError, SyncEngineError
+from syncengine.errors import SyncEngineError
 from syncengine.images import open_image
 from syncengine.views import CropView, View
 
-RESIZE_POLICIES = ("error", "stretch", "crop", "pad")
+ResizePolicy = Literal["error", "stretch", "crop", "pad"]  # checked once, where the config is typed
+RESIZE_POLICIES: tuple[str, ...] = get_args(ResizePolicy)
 
 
 def load_image(path: str | Path, what: str, canvas_pixels: int = 0):
@@ -30,7 +31,8 @@ def load_image(path: str | Path, what: str, canvas_pixels: int = 0):
                       lambda message: SyncEngineError(f"{what}: {message}"))
 
 
-def fit_to_canvas(image, height: int, width: int, policy: str = "error", tolerance: float = 0.01, what: str = "image"):
+def fit_to_canvas(image, height: int, width: int, policy: ResizePolicy = "error", tolerance: float = 0.01,
+                  what: str = "image"):
     """Resize an image to ``width x height`` px.
 
     An image of the canvas's aspect ratio (within ``tolerance``, relative) is resized (Lanczos, as diffusers does)
@@ -40,8 +42,6 @@ def fit_to_canvas(image, height: int, width: int, policy: str = "error", toleran
     """
     from PIL import Image
 
-    if policy not in RESIZE_POLICIES:
-        raise ConfigError("denoiser.resize", f"{policy!r} is not one of {', '.join(RESIZE_POLICIES)}")
     w, h = image.size
     if (w, h) == (width, height):
         return image
@@ -53,7 +53,8 @@ def fit_to_canvas(image, height: int, width: int, policy: str = "error", toleran
                 f"{width / height:.3f}); give an image of the canvas's aspect ratio, or set denoiser.resize to "
                 f"stretch, crop or pad"
             )
-        scale = max(width / w, height / h) if policy == "crop" else min(width / w, height / h)
+        cover = {"crop": max, "pad": min}[policy]  # the only policies left; the config's type admits no other
+        scale = cover(width / w, height / h)
         sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
         scaled = image.resize((sw, sh), Image.LANCZOS)
         if policy == "crop":
