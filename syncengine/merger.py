@@ -10,37 +10,34 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Literal, Sequence, get_args
+from typing import Literal, Sequence
 
 import torch
 
-from .errors import ConfigError
 from .plugin import Plugin
 from .views import View
 
 MergeTarget = Literal["xt", "x0"]
-MERGE_TARGETS: tuple[str, ...] = get_args(MergeTarget)
 
 
 @dataclass
 class MergerConfig:
-    target: str = "xt"  # "xt": merge noisy latents and noise predictions; "x0": merge the Tweedie estimate
+    target: MergeTarget = "xt"  # "xt": merge noisy latents and noise predictions; "x0": merge the Tweedie estimate
 
 
 class Merger(Plugin):
     """Decides each view's weight in window space; the arithmetic lives in :class:`MergeBuffer`."""
 
     Config = MergerConfig
+    section = "merger"  # the Plugin base checks target against MergeTarget (a spec: when the config is typed)
 
     def __init__(self, config=None):
         super().__init__(config)
-        if self.config.target not in MERGE_TARGETS:  # every merger, built from a spec or directly
-            raise ConfigError("merger.target", f"{self.config.target!r} is not 'xt' or 'x0'")
         self._cache: dict[int, torch.Tensor] = {}
 
     @property
     def target(self) -> MergeTarget:
-        return self.config.target  # type: ignore[return-value]
+        return self.config.target
 
     @abstractmethod
     def window_weight(self, view: View) -> torch.Tensor:

@@ -6,9 +6,12 @@ instance. This is what lets a wrong key fail in a second, with the key's name, i
 """
 from __future__ import annotations
 
+import dataclasses
 from abc import ABCMeta
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
+
+from .errors import ConfigError
 
 
 @dataclass
@@ -27,6 +30,27 @@ def abstract_message(cls: type) -> str:
             f"{', '.join(missing_methods(cls))}")
 
 
+def check_choices(config: Any, where: str) -> None:
+    """A dataclass config's closed-set (``Literal``) fields hold one of their values, else a one-line error naming
+    ``<where>.<field>`` in the typed configs' wording. A spec gets this check where OmegaConf types it; this is the
+    same rule, from the same ``Literal``, for a plugin built directly from a config object."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        return
+    try:
+        hints = get_type_hints(type(config))
+    except Exception:  # noqa: BLE001 - annotations that do not resolve (a local class): nothing to check by type
+        return
+    for f in dataclasses.fields(config):
+        hint = hints.get(f.name)
+        options = get_args(hint) if get_origin(hint) is Union else (hint,)
+        allowed = [v for option in options if get_origin(option) is Literal for v in get_args(option)]
+        value = getattr(config, f.name)
+        others = tuple(o for o in options if get_origin(o) is not Literal and isinstance(o, type))
+        if allowed and value not in allowed and not isinstance(value, others):
+            key = f"{where}.{f.name}" if where else f.name
+            raise ConfigError(key, f"{value!r} is not one of {', '.join(map(str, allowed))}")
+
+
 class Plugin(metaclass=ABCMeta):
     """Base class of tilers, mergers, denoisers, sync losses and preprocessors.
 
@@ -36,6 +60,7 @@ class Plugin(metaclass=ABCMeta):
     """
 
     Config: ClassVar[type] = NoOptions
+    section: ClassVar[str] = ""  # the spec section its options come from (``merger``), for error keys
 
     def __new__(cls, *args: Any, **kwargs: Any):
         # object.__new__ also refuses, but its message varies by Python version; this one is the registry's wording.
@@ -45,3 +70,4 @@ class Plugin(metaclass=ABCMeta):
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()
+        check_choices(self.config, self.section)

@@ -2,24 +2,36 @@
 reduction to plain Stable Diffusion, loading (own folders and the official checkpoint's key names), end to end."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.nn.functional as F
+from _controlnet_helpers import random_image, record_conditions, tiny_controlnet  # noqa: F401  (fixture)
 
-from syncengine.denoiser import Conditioning, Step
+from syncengine.denoiser import NO_CONTEXT, Conditioning, Step
 from syncengine.errors import ConfigError, ModelNotFoundError
 from syncengine.sampler import Request
 from syncengine.views import CanvasSpec
+from syncengine_controlnet.denoiser import (
+    ControlNetConditioning,
+    ControlNetConfig,
+    ControlNetDenoiser,
+    ControlNetOptions,
+    ControlNetUnit,
+)
 from syncengine_mvdiffusion.correspondence import Camera, homography
-from syncengine_mvdiffusion.denoiser import MVDiffusionConfig, MVDiffusionDenoiser
+from syncengine_mvdiffusion.denoiser import MVDiffusionConfig, MVDiffusionDenoiser, MVRequest
 from syncengine_mvdiffusion.loading import save_pretrained
 from syncengine_mvdiffusion.model import CorrespondenceAttention, CorrespondenceBlocks, Plan, view_group
 from syncengine_mvdiffusion.tiny import add_random_blocks, randomize
 from syncengine_sd.denoiser import StableDiffusionConfig, StableDiffusionDenoiser
 from syncengine_spherical import geometry
 from syncengine_spherical.tilers import PerspectiveConfig, PerspectiveTiler
+from syncengine_spherical.views import ProjectedView
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +178,6 @@ def test_zeroed_correspondence_attention_equals_the_stable_diffusion_denoiser(ti
         for name, p in mv.blocks.named_parameters():
             if name.endswith(("attn1.to_out.weight", "attn1.to_out.bias", "ff.net.2.weight", "ff.net.2.bias")):
                 p.zero_()
-        mv.prepare_request(Request("p"), None)
         zeroed = mv.predict(x, step_of(mv), conds_for(mv, views), views)
     assert torch.equal(zeroed, base)  # ... and without them the UNet is SD's, bit for bit
 
@@ -184,7 +195,6 @@ def test_a_view_alone_is_plain_stable_diffusion_and_distant_views_do_not_interac
         y = x.clone()
         y[1] += torch.randn(4, 8, 8, generator=g)
         for views, interacts in ((opposite, False), (near, True)):
-            mv.prepare_request(Request("p"), None)
             a = mv.predict(x, step_of(mv), conds_for(mv, views), views)
             b = mv.predict(y, step_of(mv), conds_for(mv, views), views)
             assert torch.equal(a[0], b[0]) != interacts
@@ -338,18 +348,93 @@ def test_views_split_across_batches_are_refused_before_loading(tiny_mv, tmp_path
 
 
 def test_split_batches_are_refused_at_run_time_too(tiny_mv):
-    """A sampler built by hand (no spec validation) that splits the views still fails clearly on step 0."""
-    from syncengine.denoiser import Step
-
+    """A sampler built by hand (no spec validation) that splits the views of a prepared request still fails clearly
+    on step 0; each request keeps its own watch."""
     den = MVDiffusionDenoiser(MVDiffusionConfig(pretrained=str(tiny_mv), checkpoint=None))
     views = PerspectiveTiler(PerspectiveConfig(window=32, views_per_ring=4)).views(CanvasSpec(64, 128))
     conds = [Conditioning(den.encode_prompt("a room"), 1.0)] * 2
     step = Step(0, 2, torch.tensor(999))
     x = torch.zeros(2, 4, 4, 4)
+    first, second = (den.prepare_request(Request("a room"), CanvasSpec(64, 128)) for _ in range(2))
     with torch.no_grad():
-        den.predict(x, step, conds, views[:2])
+        den.predict(x, step, conds, views[:2], first)
+        den.predict(x, step, conds, views[2:], second)  # another request: its own watch
         with pytest.raises(ConfigError, match="came apart"):
-            den.predict(x, step, conds, views[2:])
+            den.predict(x, step, conds, views[2:], first)
+
+
+def test_predictions_without_a_prepared_context_keep_no_state(tiny_mv):
+    """Without prepare_request's context a prediction is a pure function of its arguments: the conds as given (no
+    view prompts), no batch watch, nothing left on the denoiser for the next call."""
+    den = load(tiny_mv)
+    views = ring(4)
+    x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    step = step_of(den)
+    conds = conds_for(den, views, "a door")
+    prompts = {"view_prompts": ["a red wall", "a window", "a red wall", "a door"]}
+    with torch.no_grad():
+        before = den.predict(x[:2], step, conds[:2], views[:2])
+        den.predict(x[2:], step, conds[2:], views[2:])  # split batches: nothing to watch them with, no error
+        prepared = den.predict(x, step, conds, views, den.prepare_request(Request("p", inputs=prompts), None))
+        assert torch.equal(den.predict(x[:2], step, conds[:2], views[:2]), before)  # the request left nothing behind
+        assert torch.equal(den.predict(x, step, conds, views, NO_CONTEXT), den.predict(x, step, conds, views))
+        assert not torch.equal(den.predict(x, step, conds, views), prepared)  # no view prompts without a context
+    assert not [k for k, v in vars(den).items() if isinstance(v, MVRequest)]
+
+
+# -------------------------------------------------------------------------------------- composed with ControlNet
+
+
+@dataclass
+class MVControlNetConfig(ControlNetOptions, MVDiffusionConfig):
+    """MVDiffusion's options plus the ControlNet ones."""
+
+
+class MVControlNet(ControlNetConditioning, MVDiffusionDenoiser):
+    """Correspondence attention and ControlNet residuals in one UNet call, by plain inheritance."""
+
+    Config = MVControlNetConfig
+
+
+@dataclass
+class PixelView(ProjectedView):
+    """A perspective view that gives a ControlNet its pixels of the equirectangular condition (extract_image)."""
+
+    def extract_image(self, image: torch.Tensor, factor: int) -> torch.Tensor:
+        grid = F.interpolate(self.grid.permute(0, 3, 1, 2), scale_factor=factor, mode="bilinear",
+                             align_corners=True).permute(0, 2, 3, 1)
+        return F.grid_sample(image, grid.to(image), align_corners=False)
+
+
+def test_controlnet_conditioning_composes_with_mvdiffusion(tiny_mv, tiny_controlnet, tmp_path):
+    views = [PixelView(**{f.name: getattr(v, f.name) for f in dataclasses.fields(v) if f.init})
+             for v in ring(4)]
+    unit = ControlNetUnit(str(tiny_controlnet))
+    both = MVControlNet(MVControlNetConfig(pretrained=str(tiny_mv), device="cpu", controlnets=[unit]))
+    mv, canvas = load(tiny_mv), CanvasSpec(64, 128)
+    image = str(random_image(tmp_path / "condition.png", 64, 128))
+    context = both.prepare_request(Request("p", inputs={"control": image}), canvas)
+    assert set(context.parts) == {"controlnet", "mvdiffusion"}
+    x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    step = step_of(both)
+    calls = record_conditions(both.controlnets[0])
+    with torch.no_grad():
+        plain = mv.predict(x, step, conds_for(mv, views), views, mv.prepare_request(Request("p"), canvas))
+        controlled = both.predict(x, step, conds_for(both, views), views, context)
+        assert len(calls) == 1 and calls[0].shape == (8, 3, 64, 64)  # one ControlNet call, both CFG branches
+        assert both.blocks.calls.get("cp_blocks_decoder.0", 0) >= 1  # the correspondence attention ran too
+        assert not torch.allclose(controlled, plain, atol=1e-4)  # the residuals change the joint prediction
+        unit.scale = 0.0
+        assert torch.equal(both.predict(x, step, conds_for(both, views), views, context), plain)
+        unit.scale = 1.0
+        # The residuals reach the UNet as in plain ControlNet: without correspondence attention, its output exactly.
+        sd = ControlNetDenoiser(ControlNetConfig(pretrained=str(tiny_mv), device="cpu", controlnets=[unit]))
+        for name, param in both.blocks.named_parameters():
+            if name.endswith(("attn1.to_out.weight", "attn1.to_out.bias", "ff.net.2.weight", "ff.net.2.bias")):
+                param.zero_()
+        expected = sd.predict(x, step, conds_for(sd, views), views, sd.prepare_request(Request("p", inputs={
+            "control": image}), canvas))
+        assert torch.equal(both.predict(x, step, conds_for(both, views), views, context), expected)
 
 
 def test_views_without_cameras_are_refused_before_loading(tiny_mv, tmp_path):

@@ -12,7 +12,7 @@ number of views.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Sequence
 
 import torch
 
@@ -29,19 +29,14 @@ if TYPE_CHECKING:
     from syncengine.config import ResolvedSpec
     from syncengine.sampler import Request
 
-NEIGHBOURS = ("ring", "all")
+Neighbours = Literal["ring", "all"]  # checked once, where the config is typed
 
 
 @dataclass
 class MVDiffusionConfig(StableDiffusionConfig):
     checkpoint: Optional[str] = None  # official pano.ckpt; None: pretrained is a folder saved by save_pretrained
-    neighbors: str = "ring"  # ring: previous and next view of the batch (as trained); all: every other view
+    neighbors: Neighbours = "ring"  # ring: previous and next view of the batch (as trained); all: every other view
     trust_checkpoint: bool = False  # unpickle a .ckpt holding more than tensors (only for files you trust)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.neighbors not in NEIGHBOURS:
-            raise ConfigError("denoiser.neighbors", f"{self.neighbors!r} is not one of {', '.join(NEIGHBOURS)}")
 
 
 @dataclass
@@ -57,6 +52,7 @@ class MVDiffusionDenoiser(StableDiffusionDenoiser):
     """SD components + correspondence-attention blocks; cameras come from ``view.context["camera"]``."""
 
     Config = MVDiffusionConfig
+    section = "denoiser"  # closed-set options (neighbors) checked by the Plugin base when built without a spec
     joint_views = True  # the views of a batch attend to each other
 
     def __init__(self, config: MVDiffusionConfig | None = None):
@@ -72,8 +68,7 @@ class MVDiffusionDenoiser(StableDiffusionDenoiser):
             self.loaded = {"blocks": len(self.blocks.state_dict())}
         self.blocks.to(self.device, self.dtype).requires_grad_(False).eval()
         self.blocks.attach(self.unet)
-        self._plans: dict[Any, Plan] = {}
-        self._unprepared = MVRequest()  # the state of predictions made without a prepared request's context
+        self._plans: dict[Any, Plan] = {}  # a cache by cameras, the same for every request
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
@@ -83,7 +78,7 @@ class MVDiffusionDenoiser(StableDiffusionDenoiser):
 
     # ----------------------------------------------------------------------------------------------------- request
 
-    CONTEXT_PART = "mvdiffusion"  # the request context's part: an MVRequest
+    MVDIFFUSION_PART = "mvdiffusion"  # the request context's part: an MVRequest
 
     def prepare_request(self, request: Request, canvas: CanvasSpec) -> RequestContext:
         """Per-view prompts from ``requests[].inputs.view_prompts`` (one per view, in view order), encoded once, in
@@ -97,13 +92,13 @@ class MVDiffusionDenoiser(StableDiffusionDenoiser):
             with torch.no_grad():
                 for i, prompt in enumerate(prompts):
                     if prompt not in cache:
-                        cache[prompt] = self.encode_prompt(prompt, getattr(request, "negative_prompt", ""))
+                        cache[prompt] = self.encode_prompt(prompt, request.negative_prompt)
                     view_prompts[i] = cache[prompt]
-        return super().prepare_request(request, canvas).with_part(self.CONTEXT_PART, MVRequest(view_prompts))
+        return super().prepare_request(request, canvas).with_part(self.MVDIFFUSION_PART, MVRequest(view_prompts))
 
-    def request_state(self, context: RequestContext) -> MVRequest:
-        """This denoiser's part of ``context``; predictions outside a prepared request share one of their own."""
-        return context.get(self.CONTEXT_PART, self._unprepared)
+    def request_state(self, context: RequestContext) -> MVRequest | None:
+        """This denoiser's part of ``context``; None for a context that :meth:`prepare_request` did not make."""
+        return context.get(self.MVDIFFUSION_PART)
 
     @staticmethod
     def _view_conds(conds: Sequence[Conditioning], views: Sequence[View], state: MVRequest) -> list[Conditioning]:
@@ -153,7 +148,12 @@ class MVDiffusionDenoiser(StableDiffusionDenoiser):
 
     def predict(self, latents: torch.Tensor, step: Step, conds: Sequence[Conditioning], views: Sequence[View],
                 context: RequestContext = NO_CONTEXT) -> torch.Tensor:
+        """Joint prediction of ``views``. Without a prepared request (``context`` lacks this denoiser's part, e.g.
+        ``NO_CONTEXT``) it is a pure function of its arguments: ``conds`` as given (no view prompts) and no batch
+        watch (which needs a per-request record of the step's batches); nothing is kept between calls."""
         state = self.request_state(context)
+        if state is None:
+            return super().predict(latents, step, conds, views, context)
         if not torch.is_grad_enabled():
             self._check_one_batch(step, views, state)
         return super().predict(latents, step, self._view_conds(conds, views, state), views, context)
