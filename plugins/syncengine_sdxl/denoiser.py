@@ -73,7 +73,8 @@ class StableDiffusionXLDenoiser(StableDiffusionDenoiser):
         pipe.text_encoder_2.requires_grad_(False).eval()
         # float16 SDXL VAEs overflow: decode (and encode) in float32, as diffusers does; a fixed VAE stays in float16
         self.vae_dtype = vae_dtype(self.vae.config, self.dtype)
-        self.vae.to(self.vae_dtype)
+        if self.vae.dtype != self.vae_dtype:
+            self.vae.to(self.vae_dtype)
         self.guidance_embedding = self.unet.config.time_cond_proj_dim  # LCM-distilled UNets embed the scale
 
     # ----------------------------------------------------------------------------------------------------- loading

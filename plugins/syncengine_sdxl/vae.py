@@ -28,6 +28,9 @@ def load_vae(ref: str, dtype: torch.dtype):
         raise ModelNotFoundError(f"VAE path {ref!r} (denoiser.vae) does not exist; give an AutoencoderKL folder "
                                  f"(with config.json), a .safetensors file or a hub id such as "
                                  f"madebyollin/sdxl-vae-fp16-fix")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"{ref!r} (denoiser.vae) is not an AutoencoderKL folder (no config.json); save one "
+                                 f"with vae.save_pretrained(folder) or point at the folder that has it")
     try:
         if path.is_file():
             return AutoencoderKL.from_single_file(str(path), torch_dtype=dtype)
