@@ -1,6 +1,9 @@
 """Abstract methods of the plugin bases are enforced: an incomplete plugin fails when built, naming what it lacks."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
 import pytest
 import torch
 
@@ -55,3 +58,35 @@ def test_builtin_plugins_are_complete():
         if info.distribution.startswith("syncengine "):
             cls = info.load()
             assert not missing_methods(cls), (info.kind, info.name)
+
+
+@dataclass
+class Options:
+    mode: Literal["a", "b"] = "a"
+    anchor: Union[int, Literal["first"]] = "first"
+    maybe: Optional[Literal["x"]] = None
+
+
+class Choosy(Plugin):
+    Config = Options
+    section = "tiler"
+
+
+def test_closed_sets_are_checked_for_plugins_built_without_a_spec():
+    """A spec's Literal fields are checked where OmegaConf types them; the Plugin base applies the same rule (same
+    Literal, same wording) to a plugin built directly from a config object."""
+    from syncengine.errors import ConfigError
+    from syncengine.merger import MergerConfig
+    from syncengine_mergers.weighted import AverageMerger, GaussianConfig, GaussianMerger
+
+    with pytest.raises(ConfigError) as info:
+        GaussianMerger(GaussianConfig(target="eps"))
+    assert info.value.key == "merger.target" and str(info.value).endswith("'eps' is not one of xt, x0")
+    assert AverageMerger(MergerConfig(target="x0")).target == "x0"
+
+    Choosy(Options(mode="b", anchor=3))
+    for bad, key in ((Options(mode="c"), "tiler.mode"), (Options(anchor="last"), "tiler.anchor"),
+                     (Options(maybe="y"), "tiler.maybe")):
+        with pytest.raises(ConfigError) as info:
+            Choosy(bad)
+        assert info.value.key == key

@@ -233,6 +233,17 @@ def test_spec_errors_before_any_model_loads(tiny_spec, change, key):
     assert key in str(info.value)
 
 
+def test_closed_set_options_are_checked_when_built_without_a_spec(tiny_sd):
+    """``resize`` is a Literal field: a spec is checked when typed, a config object by the Plugin base (same wording),
+    before the base model loads (the path does not exist)."""
+    from syncengine_controlnet.denoiser import ControlNetConfig, ControlNetDenoiser, ControlNetUnit
+
+    with pytest.raises(ConfigError) as info:
+        ControlNetDenoiser(ControlNetConfig(pretrained="/nonexistent/model", controlnets=[ControlNetUnit("x")],
+                                            resize="squash"))
+    assert info.value.key == "denoiser.resize" and str(info.value).endswith("is not one of error, stretch, crop, pad")
+
+
 def test_missing_controlnet_models_are_clear_errors(tiny_sd, tmp_path, monkeypatch):
     from syncengine_controlnet.denoiser import ControlNetConfig, ControlNetDenoiser, ControlNetUnit
 

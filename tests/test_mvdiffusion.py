@@ -304,6 +304,16 @@ def test_official_checkpoint_loads_by_its_key_names(tiny_sd, tmp_path):
     assert "unexpected keys: mv_base_model.cp_blocks_extra.weight" in message
 
 
+def test_neighbors_is_a_closed_set_for_specs_and_config_objects(tiny_mv):
+    from syncengine.config import resolve
+
+    spec = {"extends": "demo", "denoiser": {"name": "mvdiffusion", "neighbors": "few"}}
+    for build in (lambda: resolve(spec), lambda: load(tiny_mv, neighbors="few")):
+        with pytest.raises(ConfigError) as info:
+            build()
+        assert info.value.key == "denoiser.neighbors" and str(info.value).endswith("'few' is not one of ring, all")
+
+
 def test_missing_weights_say_how_to_get_them(tiny_sd, tmp_path):
     with pytest.raises(ModelNotFoundError, match=r"does not exist; download the official panorama checkpoint"):
         MVDiffusionDenoiser(MVDiffusionConfig(pretrained=str(tiny_sd), checkpoint=str(tmp_path / "pano.ckpt")))

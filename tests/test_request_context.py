@@ -9,7 +9,12 @@ from _controlnet_helpers import random_image, record_conditions, tiny_controlnet
 from syncengine.denoiser import NO_CONTEXT, Conditioning, RequestContext, Step
 from syncengine.sampler import Request
 from syncengine.views import CanvasSpec, CropView
-from syncengine_controlnet.denoiser import ControlNetConfig, ControlNetDenoiser, ControlNetUnit
+from syncengine_controlnet.denoiser import (
+    ControlNetConditioning,
+    ControlNetConfig,
+    ControlNetDenoiser,
+    ControlNetUnit,
+)
 from syncengine_sd.denoiser import StableDiffusionDenoiser
 
 
@@ -28,8 +33,25 @@ class OffsetControlNet(LatentOffset, ControlNetDenoiser):
     """Both hooks in one denoiser, by plain cooperative inheritance: no shared per-request attribute to fight over."""
 
 
-def _build(cls, tiny_sd, tiny_controlnet):
-    return cls(ControlNetConfig(pretrained=str(tiny_sd), controlnets=[ControlNetUnit(str(tiny_controlnet))]))
+class PriorResiduals(StableDiffusionDenoiser):
+    """A family hook that already fills the UNet call's keyword arguments: residuals (here the ControlNet's own, at
+    scale 1) and SDXL-style ``added_cond_kwargs`` (here a row number per row of the batch)."""
+
+    def unet_kwargs(self, latents, step, hidden, views, cond_mask, context=NO_CONTEXT):
+        kwargs = super().unet_kwargs(latents, step, hidden, views, cond_mask, context)
+        down, mid = self.controlnet_residuals(latents, step, hidden, views, cond_mask, context)
+        rows = {"row": torch.arange(latents.shape[0], dtype=torch.float32)}
+        return {**kwargs, "down_block_additional_residuals": down, "mid_block_additional_residual": mid,
+                "added_cond_kwargs": rows}
+
+
+class DoubledControlNet(ControlNetConditioning, PriorResiduals):
+    Config = ControlNetConfig
+
+
+def _build(cls, tiny_sd, tiny_controlnet, **options):
+    return cls(ControlNetConfig(pretrained=str(tiny_sd), controlnets=[ControlNetUnit(str(tiny_controlnet))],
+                                **options))
 
 
 def _inputs(den):
@@ -88,3 +110,22 @@ def test_a_second_hook_composes_with_the_controlnet(tiny_sd, tiny_controlnet, tm
         assert calls, "the ControlNet ran inside the composed denoiser"
         assert torch.equal(got, control.predict(x + 0.25, step, conds, views, plain))  # both hooks, one predict
         assert not torch.equal(got, control.predict(x, step, conds, views, plain))
+
+
+def test_controlnet_residuals_add_to_the_family_kwargs(tiny_sd, tiny_controlnet, tmp_path):
+    """The mixin sums its residuals with those already in ``unet_kwargs`` (its own twice == scale 2, bit for bit) and
+    hands the family's ``added_cond_kwargs`` to its ControlNets, cut to the rows they run on (guess mode: the
+    conditional rows)."""
+    doubled = _build(DoubledControlNet, tiny_sd, tiny_controlnet, guess_mode=True)
+    twice = ControlNetDenoiser(ControlNetConfig(pretrained=str(tiny_sd), guess_mode=True,
+                                                controlnets=[ControlNetUnit(str(tiny_controlnet), scale=2.0)]))
+    canvas = CanvasSpec(64, 128)
+    request = Request("x", inputs={"control": str(random_image(tmp_path / "d.png", 64, 128))})
+    x, step, conds, views = _inputs(doubled)
+    net = doubled.controlnets[0]
+    received, forward = [], net.forward
+    net.forward = lambda *a, **k: received.append(k.get("added_cond_kwargs")) or forward(*a, **k)
+    with torch.no_grad():
+        got = doubled.predict(x, step, conds, views, doubled.prepare_request(request, canvas))
+        assert torch.equal(got, twice.predict(x, step, conds, views, twice.prepare_request(request, canvas)))
+    assert received[0] is None and torch.equal(received[1]["row"], torch.tensor([2.0, 3.0]))
