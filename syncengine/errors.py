@@ -22,6 +22,10 @@ class PluginNotFoundError(SyncEngineError, LookupError):
     """An unknown plugin name in a registry group."""
 
 
+class PluginContractError(SyncEngineError, TypeError):
+    """A plugin class that cannot be used as registered: still abstract, or a name taken by another plugin."""
+
+
 class ModelNotFoundError(SyncEngineError, FileNotFoundError):
     """A model (weights, tokenizer, backbone) that is not available locally and cannot be fetched."""
 

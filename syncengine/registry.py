@@ -16,7 +16,7 @@ try:  # Python 3.12+ has the selectable API in the stdlib; the backport keeps 3.
 except ImportError:  # pragma: no cover
     from importlib.metadata import EntryPoint, entry_points  # type: ignore[assignment]
 
-from .errors import PluginNotFoundError, SyncEngineError
+from .errors import PluginContractError, PluginNotFoundError  # the contract error stays importable from here
 from .plugin import abstract_message, missing_methods
 
 GROUPS: dict[str, str] = {
@@ -26,10 +26,6 @@ GROUPS: dict[str, str] = {
     "sync_loss": "syncengine.sync_losses",
     "preprocessor": "syncengine.preprocessors",
 }
-
-
-class PluginContractError(SyncEngineError, TypeError):
-    """A plugin class that cannot be used as registered: still abstract, or a name taken by another plugin."""
 
 
 REGISTERED = "registered in-process"  # the ``distribution`` of a class added by :func:`register`

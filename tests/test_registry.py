@@ -157,3 +157,10 @@ def test_plugins_command_marks_registered(registered, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith(" *notebook-tiler") and "registered in-process" in line for line in lines)
     assert any(line.startswith("  sliding") for line in lines)
+
+
+def test_contract_error_lives_with_the_other_errors():
+    from syncengine import errors
+
+    assert registry.PluginContractError is errors.PluginContractError  # re-exported for compatibility
+    assert issubclass(errors.PluginContractError, (errors.SyncEngineError, TypeError))
