@@ -89,16 +89,18 @@ def test_several_windows_equal_a_per_window_multidiffusion_loop(flux_spec):
     torch.testing.assert_close(ours, latents, **FLOAT_TOL)  # batches of 3 windows vs one at a time
 
 
-@pytest.mark.parametrize("loop", [False, True])
-def test_sync_matches_per_window_reference(flux_spec, loop):
+def test_sync_matches_per_window_reference(flux_spec):
     """Sync weight > 0: the sampler equals the literal per-window Algorithm 1 (benchmarks/reference.py) with its
-    flow Euler step, within the measured kernel-reordering tolerance (as tests/test_sync.py for SD)."""
-    spec = flux_spec(tiler={"name": "sliding", "window": 64, "stride": 32, "loop": loop})
+    flow Euler step, within the measured kernel-reordering tolerance (as tests/test_sync.py for SD). A loop strip:
+    its last window wraps across the seam."""
+    spec = flux_spec(canvas={"height": 64, "width": 128}, tiler={"name": "sliding", "window": 64, "stride": 32,
+                                                                  "loop": True})
     resolved = resolve(spec)
     den = Pipeline(resolved).denoiser_for(resolved)
     loss = resolved.build("sync.loss")
     views = resolved.build("tiler").views(resolved.canvas)
-    steps, weight = 3, 5.0
+    assert any(v.wraps for v in views)
+    steps, weight = 2, 5.0
     request = Request(PROMPT, seed=3)
 
     def sample(collective=None):
@@ -149,7 +151,7 @@ SPHERE = {"canvas": {"height": 64, "width": 128}, "merger": {"name": "average", 
 @pytest.mark.parametrize("case", ["loop", "grid", "regions", "perspective", "cubemap", "x0"])
 def test_tilers_run(flux_spec, case):
     specs = {
-        "loop": dict(tiler={"loop": True}, sync={"weight": 5.0}, sampler={"steps": 2}),
+        "loop": dict(tiler={"loop": True}, sync={"weight": 5.0}, sampler={"steps": 2, "view_batch_size": 5}),
         "grid": dict(canvas={"height": 96, "width": 96}, tiler={"window": 64, "stride": 32}, sampler={"steps": 2}),
         "regions": dict(tiler={"name": "regions", "window": 64, "stride": 32, "bootstrap": 0.5,
                                "regions": [{"mask": {"rect": [0, 0, 64, 16]}, "prompt": "a red car"},
@@ -306,3 +308,53 @@ def test_presets_validate_as_written(preset, views):
     resolved = resolve(PRESETS_DIR / f"{preset}.yaml")
     assert resolved.config.denoiser.name == "flux" and resolved.config.sampler.scheduler == "flow_euler"
     assert len(resolved.build("tiler").views(resolved.canvas)) == views
+
+
+# ------------------------------------------------------------------------------------------------ sharding
+
+
+@pytest.mark.slow
+def test_window_sharding_equals_one_process(tiny_flux, tmp_path):
+    """2 processes (Lightning ddp on CPU, gloo) sharding the windows give the one-process latents within the measured
+    one-ulp reordering tolerance (tests/test_sharding.py's harness and rule)."""
+    import json
+    import os
+
+    from _tolerance import LastBitJitter
+    from omegaconf import OmegaConf
+    from test_sharding import assert_same_output, cli, saving_latents_too
+
+    from syncengine import lightning_module
+    from syncengine.api import generate
+    from syncengine.collective import Collective
+
+    spec = tmp_path / "flux.yaml"
+    OmegaConf.save(OmegaConf.create({
+        "canvas": {"height": 64, "width": 160},
+        "tiler": {"name": "sliding", "window": 64, "stride": 32},
+        "merger": {"name": "average"},
+        "denoiser": {"name": "flux", "pretrained": str(tiny_flux), "max_sequence_length": T5_LENGTH},
+        "sync": {"loss": {"name": "lpips", "net": "alex", "backbone": "random"}, "weight": 20.0, "every": 2},
+        "sampler": {"scheduler": "flow_euler", "steps": 4, "guidance_scale": 3.5, "view_batch_size": 2},
+        "requests": [{"prompt": PROMPT, "seed": 0, "name": "pano"}],
+        "runtime": {"accelerator": "cpu", "devices": 1, "progress": False},
+    }), spec)
+    cache = str(tmp_path / "cache")
+    two, one, jitter = tmp_path / "two", tmp_path / "one", tmp_path / "jitter"
+    run = cli(cache, str(spec), "runtime.devices=2", "runtime.strategy=ddp", "runtime.shard=windows",
+              f"runtime.output_dir={two}", script=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks run
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("SYNCENGINE_CACHE", cache)
+            mp.setattr(lightning_module, "write_result", saving_latents_too(lightning_module.write_result))
+            for out, collective in ((one, Collective), (jitter, LastBitJitter)):
+                mp.setattr(lightning_module, "Collective", collective)
+                assert generate(str(spec), [f"runtime.output_dir={out}"]).ok
+    finally:
+        torch.set_num_threads(threads)
+    meta = assert_same_output(one, two, jitter, "pano")
+    assert meta["stats"]["owned_views"] == 2 and meta["stats"]["views"] == 4 and meta["stats"]["sync_views"] > 0
+    assert json.loads((one / "pano.json").read_text())["model"]["guidance_embeds"] and os.path.exists(two / "pano.png")
