@@ -147,7 +147,7 @@ SMOKE = {
                     merger={"name": "average", "target": "x0"}, sampler={"view_batch_size": 6}),
     "x0": dict(canvas={"height": 64, "width": 128}, merger={"name": "average", "target": "x0"}),
     "sync_vae": dict(canvas={"height": 64, "width": 128}, sync={"weight": 5.0},
-                     denoiser={"sync_vae": "TAESD3", "sync_decode_scale": 0.5}),
+                     denoiser={"sync_vae": "TAESD3", "sync_decode_scale": 0.5, "gradient_checkpointing": True}),
 }
 
 
@@ -202,7 +202,7 @@ def test_refused_before_loading(sd3_spec, sections, key, needle):
     assert info.value.key == key and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("ref", ["/nonexistent/sd3", "no-such-owner/no-such-sd3-model"])
+@pytest.mark.parametrize("ref", ["/nonexistent/sd3", "/nonexistent/sd3.safetensors", "no-such-owner/no-such-sd3"])
 def test_missing_model_is_one_line(sd3_spec, no_network, ref):
     resolved = resolve(sd3_spec(denoiser={"pretrained": ref}))
     with pytest.raises(ModelNotFoundError) as info:
