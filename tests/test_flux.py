@@ -358,3 +358,25 @@ def test_window_sharding_equals_one_process(tiny_flux, tmp_path):
     meta = assert_same_output(one, two, jitter, "pano")
     assert meta["stats"]["owned_views"] == 2 and meta["stats"]["views"] == 4 and meta["stats"]["sync_views"] > 0
     assert json.loads((one / "pano.json").read_text())["model"]["guidance_embeds"] and os.path.exists(two / "pano.png")
+
+
+def test_spherical_preset_runs_shrunk_on_the_builtin_tiny_flux(tmp_path, monkeypatch):
+    """``pretrained: syncengine:tiny-random`` with flux: the tiny FLUX is built into the model cache, then loaded
+    through the loader; the 360° preset runs end to end when shrunk onto it."""
+    import json
+
+    from syncengine.api import generate
+    from syncengine.config import PRESETS_DIR
+
+    monkeypatch.setenv("SYNCENGINE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    summary = generate(str(PRESETS_DIR / "spherical-flux-perspective.yaml"), [
+        "canvas.height=64", "canvas.width=128", "tiler.window=32", "denoiser.pretrained=syncengine:tiny-random",
+        f"denoiser.max_sequence_length={T5_LENGTH}", "sync.loss.net=alex", "sync.loss.backbone=random",
+        "sync.weight=5", "sampler.steps=1", "runtime.accelerator=cpu", "runtime.progress=false",
+        f"runtime.output_dir={out}"])
+    assert not summary.failed
+    assert (tmp_path / "cache" / "tiny-random-flux-v1" / "model_index.json").is_file()
+    (png,) = [p for p in out.glob("*.png") if p.stem.count(".") == 0]
+    meta = json.loads(png.with_suffix(".json").read_text())
+    assert meta["model"]["warning"].startswith("random weights") and meta["stats"]["sync_steps"] == 1

@@ -20,7 +20,7 @@ from syncengine.denoiser import NO_CONTEXT, Conditioning, Denoiser, RequestConte
 from syncengine.errors import ConfigError
 from syncengine.schedulers import check_flow_scheduler, make_scheduler
 from syncengine.views import View
-from syncengine_sd.loading import check_device, check_tokenizer, load_pipeline, torch_device, torch_dtype
+from syncengine_sd.loading import TINY_MODEL, check_device, check_tokenizer, load_pipeline, torch_device, torch_dtype
 from syncengine_sd.model_files import load_single_file
 from syncengine_sd.sync_decoding import SyncDecoding, check_sync_decode_scale
 
@@ -41,12 +41,10 @@ T5_LIMIT = 512  # FLUX's T5 sequence is at most 512 tokens (diffusers refuses mo
 class FluxConfig:
     pretrained: str = DEV  # hub id, local diffusers folder, or a single-file transformer checkpoint (.safetensors)
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
-    device: str = "auto"
+    device: str = "auto"  # auto: CUDA when present
     revision: Optional[str] = None
     variant: Optional[str] = None
-    # a single-file checkpoint holds the transformer only: the rest (and its config) come from this folder/hub id;
-    # unset: FLUX.1-dev or FLUX.1-schnell, by whether the checkpoint has a guidance embedding
-    single_file_config: Optional[str] = None
+    single_file_config: Optional[str] = None  # single file: folder/hub id of the other parts (unset: dev/schnell)
     max_sequence_length: Optional[int] = None  # T5 tokens; unset: 512 for dev, 256 for schnell (as diffusers' docs)
     true_cfg_scale: float = 1.0  # > 1: true CFG against the request's negative prompt (two transformer passes)
     gradient_checkpointing: bool = False  # recompute transformer activations in the sync backward
@@ -140,6 +138,11 @@ class FluxDenoiser(SyncDecoding, Denoiser):
             kwargs["revision"] = c.revision
         if c.variant:
             kwargs["variant"] = c.variant
+        if c.pretrained == TINY_MODEL:  # the offline smoke model: random weights
+            from .tiny import TINY_NOTICE, tiny_flux_path
+
+            log.warning("%s (flux): %s", TINY_MODEL, TINY_NOTICE)
+            return load_pipeline(FluxPipeline, str(tiny_flux_path()), self.dtype)
         path = Path(c.pretrained).expanduser()
         if path.is_file():  # a transformer checkpoint; the text encoders, VAE and scheduler come from its config
             config = c.single_file_config or single_file_family(path)
@@ -161,10 +164,13 @@ class FluxDenoiser(SyncDecoding, Denoiser):
         return 128 * self.latent_factor  # FluxPipeline's default sample size: 1024 px
 
     def describe(self) -> dict[str, Any]:
-        return {"pretrained": self.config.pretrained, "prediction_type": self.prediction_type,
-                "guidance_embeds": self.guidance_embeds, "max_sequence_length": self.max_sequence_length,
-                "true_cfg_scale": self.config.true_cfg_scale, "dtype": str(self.dtype).replace("torch.", ""),
-                "device": str(self.device)}
+        out = {"pretrained": self.config.pretrained, "prediction_type": self.prediction_type,
+               "guidance_embeds": self.guidance_embeds, "max_sequence_length": self.max_sequence_length,
+               "true_cfg_scale": self.config.true_cfg_scale, "dtype": str(self.dtype).replace("torch.", ""),
+               "device": str(self.device)}
+        if self.config.pretrained == TINY_MODEL:
+            out["warning"] = "random weights (built-in tiny model)"
+        return out
 
     # -------------------------------------------------------------------------------------------------- validation
 

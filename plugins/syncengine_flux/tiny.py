@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+TINY_NOTICE = "using the built-in tiny FLUX with RANDOM weights: images are noise-like (smoke runs only)"
 LATENT_CHANNELS = 16
 SHIFT_FACTOR = 0.1159  # FLUX.1's VAE: latents are (z - shift) * scale
 SCALING_FACTOR = 0.3611
@@ -99,3 +100,35 @@ def build_tiny_taef1(path: str | Path, seed: int = 0):
                           num_decoder_blocks=(1, 1, 1, 1), shift_factor=0.0, scaling_factor=1.0)
     vae.save_pretrained(path)
     return Path(path)
+
+
+TINY_FOLDER = "tiny-random-flux-v1"
+
+
+def tiny_flux_path() -> Path:
+    """The built-in tiny FLUX (``pretrained: syncengine:tiny-random`` with ``denoiser.name: flux``) in the engine's
+    model cache, built on first use; concurrent builders take turns and each build is renamed into place whole (the
+    SD demo model's cache rules, :mod:`syncengine_sd.tiny`)."""
+    import os
+    import shutil
+    import uuid
+
+    from syncengine.errors import one_line
+    from syncengine_sd.tiny import _build_lock, _cache_dir, _cache_error, _replace_folder, writable_cache_dir
+
+    path = _cache_dir() / TINY_FOLDER
+    if (path / "model_index.json").is_file():
+        return path
+    root = writable_cache_dir()
+    with _build_lock(root, TINY_FOLDER):
+        if (path / "model_index.json").is_file():
+            return path  # built by another process while this one waited
+        tmp = path.with_name(f"{TINY_FOLDER}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            build_tiny_flux(tmp)
+            _replace_folder(tmp, path)
+        except OSError as exc:
+            raise _cache_error(root, f"cannot be written ({one_line(exc, 120)})") from exc
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
