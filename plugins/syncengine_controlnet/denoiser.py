@@ -104,9 +104,10 @@ class ControlNetConditioning:
     part ``"controlnet"`` to the request context.
     """
 
+    section = "denoiser"  # closed-set options (resize) checked by the Plugin base when built without a spec
     CONTROLNET_PART = "controlnet"  # the request context's part: canvas-sized [3, H, W] condition per ControlNet
 
-    def __init__(self, config: Any = None):
+    def __init__(self, config: ControlNetOptions | None = None):
         c = config if config is not None else self.Config()
         # Cheap failures first: preprocessor weights before the multi-GB base model.
         self.preprocessors = [build_preprocessor(u.preprocessor, f"denoiser.controlnets.{i}.preprocessor")

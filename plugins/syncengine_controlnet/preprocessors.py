@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict
+from typing import TYPE_CHECKING, Any, ClassVar, Dict
 
 from syncengine import registry
 from syncengine.errors import ConfigError, ModelNotFoundError, SyncEngineError, one_line
 from syncengine.plugin import Plugin
+
+if TYPE_CHECKING:
+    import torch
 
 ANNOTATORS = "lllyasviel/Annotators"
 
@@ -27,7 +30,7 @@ class Preprocessor(Plugin):
       The denoiser has already resized the photo to the canvas, so the condition is computed at canvas resolution.
     """
 
-    def load(self, device: Any = "cpu") -> None:
+    def load(self, device: torch.device | str = "cpu") -> None:
         """Load weights (default: none)."""
 
     @abstractmethod
@@ -90,7 +93,7 @@ class AuxPreprocessor(Preprocessor):
                               f"must be >= 64 px, got {self.config.detect_resolution}")
         self.model = None
 
-    def load(self, device: Any = "cpu") -> None:
+    def load(self, device: torch.device | str = "cpu") -> None:
         try:
             import controlnet_aux
         except ImportError as exc:

@@ -35,7 +35,7 @@ class GaussianMerger(Merger):
     Config = GaussianConfig
 
     def __init__(self, config=None):
-        super().__init__(config)  # checks target
+        super().__init__(config)  # the Plugin base checks target (a closed set)
         if not (self.config.sigma > 0 and math.isfinite(self.config.sigma)):
             raise ConfigError("merger.sigma", f"must be a positive number, got {self.config.sigma}")
 

@@ -24,13 +24,16 @@ from __future__ import annotations
 import json
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from syncengine.errors import ConfigError, ModelNotFoundError, SyncEngineError, one_line
 from syncengine_sd.model_files import LOAD_ERRORS, file_problem, load_checked
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 OFFICIAL_URL = "https://www.dropbox.com/scl/fi/yx9e0lj4fwtm9xh2wlhhg/pano.ckpt?rlkey=kowqygw7vt64r3maijk8klfl0&dl=0"
 BLOCKS_FOLDER = "correspondence_attention"  # inside a pipeline folder saved by save_pretrained
@@ -198,7 +201,7 @@ def save_blocks(blocks: nn.Module, folder: str | Path) -> Path:
     return out
 
 
-def save_pretrained(pipe: Any, blocks: nn.Module, folder: str | Path) -> Path:
+def save_pretrained(pipe: DiffusionPipeline, blocks: nn.Module, folder: str | Path) -> Path:
     """A self-contained MVDiffusion folder: the diffusers pipeline (``pipe.save_pretrained``) plus the blocks.
     ``denoiser.pretrained: <folder>`` loads it (no ``checkpoint`` needed)."""
     pipe.save_pretrained(str(folder))

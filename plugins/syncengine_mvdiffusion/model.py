@@ -224,7 +224,7 @@ class CorrespondenceBlocks(nn.Module):
                                                for b in unet.up_blocks)
         self.plan: Plan | None = None
         self.calls: dict[str, int] = {}  # hook name -> times it ran with a plan (for tests and stats)
-        self._handles: list[Any] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     @staticmethod
     def sites(unet: nn.Module) -> list[tuple[str, nn.Module]]:
