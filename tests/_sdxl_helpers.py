@@ -38,3 +38,12 @@ def sdxl_spec(tiny_spec, tiny_sdxl):
         return spec
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_lcm(tmp_path_factory) -> Path:
+    """The tiny SDXL with a guidance-embedding UNet (``time_cond_proj_dim``), as LCM-distilled SDXL UNets have."""
+    from syncengine_sdxl.tiny import build_tiny_sdxl_pipeline
+
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl-lcm", seed=1,
+                                    time_cond_proj_dim=32)

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from _sdxl_helpers import PROMPT, sdxl_spec, tiny_sdxl  # noqa: F401 - fixtures
+from _sdxl_helpers import PROMPT, sdxl_spec, tiny_sdxl, tiny_sdxl_lcm  # noqa: F401 - fixtures
 from _tolerance import KERNEL_ULPS, assert_reordered_close, reorder_tolerance
 
 from benchmarks.reference import reference_syncdiffusion
@@ -20,6 +20,16 @@ from syncengine.sync import SyncSchedule
 # Same arithmetic in the same order, except that the engine runs the UNet on a batch of views and steps on the
 # canvas: diffusers' own SD panorama test bound (atol 2e-5, rtol 1e-4) holds with a wide margin (measured below).
 ATOL, RTOL = 2e-5, 1e-4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's kernels are too small to share between threads: with two threads on a busy 2-core machine a
+    decode and its backward took 1.6 s instead of 0.02 s (spinning workers). Restored after this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _pipeline(model_dir):
@@ -163,7 +173,8 @@ def test_micro_conditioning_per_view(sdxl_spec):
 
 SMOKE = {
     "sliding-loop": dict(tiler={"name": "sliding", "window": 64, "stride": 48, "loop": True}),
-    "grid-2d": dict(canvas={"height": 96, "width": 128}, tiler={"name": "sliding", "window": 64, "stride": 32}),
+    "grid-2d": dict(canvas={"height": 96, "width": 128}, tiler={"name": "sliding", "window": 64, "stride": 32},
+                    sync={"weight": 4.0}),
     "regions": dict(tiler={"name": "regions", "window": 64, "stride": 32, "bootstrap": 0.5,
                            "regions": [{"mask": {"rect": [0, 0, 64, 48]}, "prompt": "a red car"}]}),
     "perspective": dict(canvas={"height": 64, "width": 128}, merger={"name": "average", "target": "x0"},
@@ -272,3 +283,29 @@ def test_turbo_like_run(sdxl_spec, diffusers_pipe, steps):
     den.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     out = Pipeline(resolve(sdxl_spec(sampler={**sampler, "view_batch_size": 4}))).run(0)
     assert torch.isfinite(out.latents).all() and out.stats["unet_views"] == 4 * steps
+
+
+def test_lcm_guidance_embedding_equals_diffusers(sdxl_spec, tiny_sdxl_lcm):
+    """An LCM-distilled UNet embeds the guidance scale (timestep_cond) instead of a CFG batch: one window with
+    diffusers' LCMScheduler equals diffusers' pipeline, which does the same."""
+    from diffusers import LCMScheduler
+
+    spec = sdxl_spec(canvas={"height": 64, "width": 64}, denoiser={"pretrained": str(tiny_sdxl_lcm)},
+                     sampler={"scheduler": "LCMScheduler", "steps": 2, "guidance_scale": 4.0},
+                     requests=[{"prompt": PROMPT, "seed": 4}])
+    resolved, pipe, den, _ = _parts(spec)
+    assert den.guidance_embedding == 32
+    ours = pipe.run(0).latents
+    reference = _pipeline(tiny_sdxl_lcm)
+    reference.scheduler = LCMScheduler.from_config(reference.scheduler.config)
+    noise = JointSampler.initial_noise(None, resolved.canvas, 4)
+    ref = reference(PROMPT, height=64, width=64, num_inference_steps=2, guidance_scale=4.0, latents=noise.clone(),
+                    generator=torch.Generator("cpu").manual_seed(5), output_type="latent").images
+    torch.testing.assert_close(ours, ref, atol=ATOL, rtol=RTOL)
+
+
+def test_builtin_tiny_model_name_loads_a_tiny_sdxl(sdxl_spec, tmp_path, monkeypatch):
+    monkeypatch.setenv("SYNCENGINE_CACHE", str(tmp_path / "cache"))
+    den = _parts(sdxl_spec(denoiser={"pretrained": "syncengine:tiny-random"}))[2]
+    assert (tmp_path / "cache" / "tiny-random-sdxl-v1" / "model_index.json").is_file()
+    assert den.pipe.text_encoder_2 is not None and "random weights" in den.describe()["warning"]
