@@ -279,10 +279,13 @@ def test_turbo_like_run(sdxl_spec, diffusers_pipe, steps):
                                                              timestep_spacing="trailing")
     ref = _turbo_reference(diffusers_pipe, scheduler, 64, 64, steps, 2, noise)
     torch.testing.assert_close(ours, ref, atol=ATOL, rtol=RTOL)
-    calls = []
-    den.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
-    out = Pipeline(resolve(sdxl_spec(sampler={**sampler, "view_batch_size": 4}))).run(0)
+    panorama = resolve(sdxl_spec(sampler={**sampler, "view_batch_size": 4}))
+    pipe = Pipeline(panorama)
+    rows = []
+    pipe.denoiser_for(panorama).unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    out = pipe.run(0)
     assert torch.isfinite(out.latents).all() and out.stats["unet_views"] == 4 * steps
+    assert rows == [4] * steps  # four views, one UNet row each: no unconditional half
 
 
 def test_lcm_guidance_embedding_equals_diffusers(sdxl_spec, tiny_sdxl_lcm):
