@@ -312,3 +312,18 @@ def test_builtin_tiny_model_name_loads_a_tiny_sdxl(sdxl_spec, tmp_path, monkeypa
     den = _parts(sdxl_spec(denoiser={"pretrained": "syncengine:tiny-random"}))[2]
     assert (tmp_path / "cache" / "tiny-random-sdxl-v1" / "model_index.json").is_file()
     assert den.pipe.text_encoder_2 is not None and "random weights" in den.describe()["warning"]
+
+
+def test_sync_through_a_tiny_decoder_at_half_size(sdxl_spec, tmp_path):
+    """``sync_vae`` (TAESDXL's architecture, random weights) and ``sync_decode_scale`` come with the SD denoiser."""
+    from diffusers import AutoencoderTiny
+
+    AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4).save_pretrained(
+        tmp_path / "taesdxl")
+    spec = resolve(sdxl_spec(denoiser={"sync_vae": str(tmp_path / "taesdxl"), "sync_decode_scale": 0.5},
+                             sync={"weight": 4.0}))
+    pipe = Pipeline(spec)
+    den = pipe.denoiser_for(spec)
+    assert den.sync_decoder is not None and den.sync_image_size((8, 8)) == (32, 32)
+    out = pipe.run(0)
+    assert torch.isfinite(out.latents).all() and out.stats["sync_steps"] == 2 and out.stats["decodes"] > 0
