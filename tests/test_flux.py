@@ -155,8 +155,9 @@ def test_tilers_run(flux_spec, case):
         "grid": dict(canvas={"height": 96, "width": 96}, tiler={"window": 64, "stride": 32}, sampler={"steps": 2}),
         "regions": dict(tiler={"name": "regions", "window": 64, "stride": 32, "bootstrap": 0.5,
                                "regions": [{"mask": {"rect": [0, 0, 64, 16]}, "prompt": "a red car"},
-                                           {"mask": {"rect": [0, 96, 64, 16]}, "prompt": "a blue boat"}]},
-                        sampler={"steps": 2, "view_batch_size": 1}),
+                                           {"mask": {"rect": [0, 96, 64, 16]}, "prompt": "a blue boat",
+                                            "guidance_scale": 6.0}]},
+                        sampler={"steps": 2, "view_batch_size": 8}),  # mixed prompts and guidance in one batch
         "perspective": dict(tiler={"name": "perspective", "window": 32, "fov": 90, "views_per_ring": 4,
                                    "pitches": [0.0], "poles": True}, **SPHERE),
         "cubemap": dict(tiler={"name": "cubemap", "window": 32}, **SPHERE),
