@@ -17,26 +17,24 @@ import torch
 from .plugin import Plugin
 from .views import View
 
-MergeTarget = Literal["xt", "x0"]
-
 
 @dataclass
 class MergerConfig:
-    target: MergeTarget = "xt"  # "xt": merge noisy latents and noise predictions; "x0": merge the Tweedie estimate
+    target: Literal["xt", "x0"] = "xt"  # xt: merge noisy latents and noise predictions; x0: the Tweedie estimate
 
 
 class Merger(Plugin):
     """Decides each view's weight in window space; the arithmetic lives in :class:`MergeBuffer`."""
 
     Config = MergerConfig
-    section = "merger"  # the Plugin base checks target against MergeTarget (a spec: when the config is typed)
+    section = "merger"  # the Plugin base checks the Literal target when built without a spec
 
     def __init__(self, config=None):
         super().__init__(config)
         self._cache: dict[int, torch.Tensor] = {}
 
     @property
-    def target(self) -> MergeTarget:
+    def target(self) -> str:
         return self.config.target
 
     @abstractmethod

@@ -8,16 +8,13 @@ under its latent region, never the whole image squeezed into every tile.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 
 from syncengine.errors import SyncEngineError
 from syncengine.images import open_image
 from syncengine.views import CropView, View
-
-ResizePolicy = Literal["error", "stretch", "crop", "pad"]  # checked once, where the config is typed
-RESIZE_POLICIES: tuple[str, ...] = get_args(ResizePolicy)
 
 
 def load_image(path: str | Path, what: str, canvas_pixels: int = 0):
@@ -31,7 +28,7 @@ def load_image(path: str | Path, what: str, canvas_pixels: int = 0):
                       lambda message: SyncEngineError(f"{what}: {message}"))
 
 
-def fit_to_canvas(image, height: int, width: int, policy: ResizePolicy = "error", tolerance: float = 0.01,
+def fit_to_canvas(image, height: int, width: int, policy: str = "error", tolerance: float = 0.01,
                   what: str = "image"):
     """Resize an image to ``width x height`` px.
 

@@ -13,7 +13,7 @@ computed for the conditional rows only, with diffusers' per-block scaling.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, List, Literal, Optional, Sequence
 
 import torch
 
@@ -23,7 +23,7 @@ from syncengine.views import CanvasSpec, View
 from syncengine_sd.denoiser import StableDiffusionConfig, StableDiffusionDenoiser
 from syncengine_sd.loading import torch_device
 
-from .conditions import ResizePolicy, condition_crop, fit_to_canvas, load_image, request_sources, to_tensor
+from .conditions import condition_crop, fit_to_canvas, load_image, request_sources, to_tensor
 from .loading import check_compatible, load_controlnet
 from .preprocessors import build_preprocessor
 
@@ -52,7 +52,7 @@ class ControlNetOptions:
 
     controlnets: List[ControlNetUnit] = field(default_factory=list)  # one entry per ControlNet (see docs/controlnet.md)
     guess_mode: bool = False  # control only the conditional rows of the CFG batch, residuals scaled 0.1..1 by depth
-    resize: ResizePolicy = "error"  # condition of another aspect ratio than the canvas: error, stretch, crop or pad
+    resize: Literal["error", "stretch", "crop", "pad"] = "error"  # a condition of another aspect ratio than the canvas
     aspect_tolerance: float = 0.01  # relative aspect-ratio difference that is resized without complaint
     save_condition: bool = True  # save each fitted condition image next to the output (<name>.control.png)
 

@@ -29,13 +29,10 @@ if TYPE_CHECKING:
     from syncengine.config import ResolvedSpec
     from syncengine.sampler import Request
 
-Neighbours = Literal["ring", "all"]  # checked once, where the config is typed
-
-
 @dataclass
 class MVDiffusionConfig(StableDiffusionConfig):
     checkpoint: Optional[str] = None  # official pano.ckpt; None: pretrained is a folder saved by save_pretrained
-    neighbors: Neighbours = "ring"  # ring: previous and next view of the batch (as trained); all: every other view
+    neighbors: Literal["ring", "all"] = "ring"  # ring: the previous and next view (as trained); all: every other view
     trust_checkpoint: bool = False  # unpickle a .ckpt holding more than tensors (only for files you trust)
 
 
