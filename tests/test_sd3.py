@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from _sd3_helpers import SEQ, sd3_spec, tiny_sd3, tiny_sd3_dynamic  # noqa: F401  (fixtures)
+from _sd3_helpers import SEQ, sd3_single_file, sd3_spec, tiny_sd3, tiny_sd3_dynamic  # noqa: F401  (fixtures)
 from _tolerance import KERNEL_ULPS, assert_reordered_close, reorder_tolerance
 
 from benchmarks.reference import reference_syncdiffusion
@@ -208,3 +208,28 @@ def test_missing_model_is_one_line(sd3_spec, no_network, ref):
     with pytest.raises(ModelNotFoundError) as info:
         Pipeline(resolved).denoiser_for(resolved)
     assert ref in str(info.value) and "\n" not in str(info.value)
+
+
+def test_single_file_checkpoint_equals_the_folder_model(sd3_spec, tiny_sd3, tmp_path, no_network):
+    """An original-format file with the transformer and VAE (as SD3.5 ships them); the text encoders it lacks come
+    from single_file_config. Without a config: one line."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    from safetensors.torch import save_file
+
+    pipe = _pipeline(tiny_sd3)
+    state = sd3_single_file(pipe)
+    transformer = {k: v for k, v in state.items() if k.startswith("model.diffusion_model.")}
+    back = convert_sd3_transformer_checkpoint_to_diffusers(dict(transformer))  # the file reads back exactly
+    assert back.keys() == pipe.transformer.state_dict().keys()
+    assert all(torch.equal(v, pipe.transformer.state_dict()[k]) for k, v in back.items())
+    path = tmp_path / "sd3.5-tiny.safetensors"
+    save_file(state, str(path))
+    spec = sd3_spec(sampler={"steps": 2})
+    folder = Pipeline(resolve(spec)).run(0).latents
+    single = resolve(sd3_spec(sampler={"steps": 2},
+                              denoiser={"pretrained": str(path), "single_file_config": str(tiny_sd3)}))
+    assert torch.equal(Pipeline(single).run(0).latents, folder)
+    bare = resolve(sd3_spec(denoiser={"pretrained": str(path)}))
+    with pytest.raises(ModelNotFoundError, match="single_file_config") as info:
+        Pipeline(bare).denoiser_for(bare)
+    assert "\n" not in str(info.value)

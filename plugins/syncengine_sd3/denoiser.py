@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence
 
 import torch
@@ -17,7 +18,15 @@ from syncengine.denoiser import NO_CONTEXT, Conditioning, Denoiser, RequestConte
 from syncengine.errors import ConfigError
 from syncengine.schedulers import check_flow_scheduler, make_scheduler
 from syncengine.views import View
-from syncengine_sd.loading import TINY_MODEL, check_device, check_tokenizer, load_pipeline, torch_device, torch_dtype
+from syncengine_sd.loading import (
+    TINY_MODEL,
+    _not_found,
+    check_device,
+    check_tokenizer,
+    load_pipeline,
+    torch_device,
+    torch_dtype,
+)
 from syncengine_sd.sync_decoding import SyncDecoding, check_sync_decode_scale
 
 if TYPE_CHECKING:
@@ -121,7 +130,33 @@ class SD3Denoiser(SyncDecoding, Denoiser):
 
             log.warning("%s: the built-in tiny SD3 with RANDOM weights: images are noise-like (smoke runs only)", ref)
             ref = str(tiny_model_path())
+        elif c.single_file_config and Path(ref).expanduser().is_file():
+            kwargs.update(self._encoders_not_in(Path(ref).expanduser(), c.single_file_config, c.t5))
         return load_pipeline(StableDiffusion3Pipeline, ref, self.dtype, **kwargs)
+
+    def _encoders_not_in(self, checkpoint: Path, config: str, t5: bool) -> dict[str, Any]:
+        """The text encoders a single-file checkpoint lacks (SD3.5's files hold the transformer and VAE; some add
+        the CLIPs, few T5), loaded from ``single_file_config``: diffusers' single-file loader would refuse them."""
+        if checkpoint.suffix != ".safetensors":
+            return {}  # reading a pickle's names costs a full load: diffusers decides
+        from safetensors import safe_open
+        from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+        with safe_open(str(checkpoint), framework="pt") as f:
+            prefixes = {key.split(".", 2)[1] for key in f.keys() if key.startswith("text_encoders.")}
+        wanted = [("text_encoder", "clip_l", CLIPTextModelWithProjection),
+                  ("text_encoder_2", "clip_g", CLIPTextModelWithProjection)] + (
+            [("text_encoder_3", "t5xxl", T5EncoderModel)] if t5 else [])
+        out = {}
+        for name, prefix, cls in wanted:
+            if prefix in prefixes:
+                continue
+            try:
+                out[name] = cls.from_pretrained(config, subfolder=name, torch_dtype=self.dtype)
+            except (OSError, ValueError) as exc:
+                raise _not_found(config, f"{name} for the single-file checkpoint (denoiser.single_file_config)",
+                                 exc) from exc
+        return out
 
     def _modules_in_use(self) -> list[torch.nn.Module]:
         p = self.pipe
