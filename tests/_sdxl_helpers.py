@@ -2,14 +2,9 @@
 engine's loader, and small specs on it."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
-
-if importlib.util.find_spec("syncengine_sdxl") is None:  # an editable install made before the package existed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
 
 PROMPT = "a photo of a mountain"
 
