@@ -57,9 +57,9 @@ def _sd(root: Path, full: bool) -> tuple[dict[str, Any], int]:
 
 
 def _sdxl(root: Path, full: bool) -> tuple[dict[str, Any], int]:
-    from syncengine_sdxl.tiny import build_tiny_sdxl
+    from syncengine_sdxl.tiny import build_tiny_sdxl_pipeline
 
-    return {"name": "stable-diffusion-xl", "pretrained": _saved(root / "sdxl", build_tiny_sdxl)}, 256
+    return {"name": "stable-diffusion-xl", "pretrained": _saved(root / "sdxl", build_tiny_sdxl_pipeline)}, 256
 
 
 def _sd3(root: Path, full: bool) -> tuple[dict[str, Any], int]:
