@@ -23,11 +23,18 @@ def tiny_sd3(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_sd3_dynamic(tmp_path_factory) -> Path:
-    """The same model with a resolution-dependent shift (``use_dynamic_shifting``: ``mu`` from the window size)."""
-    from syncengine_sd3.tiny import build_tiny_sd3
+def tiny_sd3_dynamic(tiny_sd3, tmp_path_factory) -> Path:
+    """The same weights with a resolution-dependent shift (``use_dynamic_shifting``: ``mu`` from the window size);
+    only the scheduler's config differs, so it is a copy with that file rewritten."""
+    import json
+    import shutil
 
-    return build_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3-dyn", seed=0, dynamic_shifting=True)
+    path = shutil.copytree(tiny_sd3, tmp_path_factory.mktemp("models") / "tiny-sd3-dyn")
+    config_file = path / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config["use_dynamic_shifting"] = True
+    config_file.write_text(json.dumps(config))
+    return path
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ def _noise(resolved, seed):
 @pytest.mark.parametrize("t5, dynamic", [(True, False), (False, False), (True, True)])
 def test_one_window_equals_the_sd3_pipeline(sd3_spec, tiny_sd3, tiny_sd3_dynamic, t5, dynamic):
     folder = tiny_sd3_dynamic if dynamic else tiny_sd3
-    steps, seed, guidance = 3, 5, 5.0
+    steps, seed, guidance = 2, 5, 5.0
     spec = sd3_spec(canvas={"height": 96, "width": 96}, tiler={"name": "sliding", "window": 96, "stride": 32},
                     denoiser={"pretrained": str(folder), "t5": t5},
                     sampler={"steps": steps, "guidance_scale": guidance},
@@ -92,9 +92,20 @@ def test_windows_at_weight_zero_are_multidiffusion(sd3_spec, tiny_sd3_dynamic):
     spec = sd3_spec(denoiser={"pretrained": str(tiny_sd3_dynamic)}, sampler={"steps": 3, "view_batch_size": 3},
                     requests=[{"prompt": PROMPT, "seed": 2}])
     resolved = resolve(spec)
-    ours = Pipeline(resolved).run(0).latents
+    pipe = Pipeline(resolved)
+    ours = pipe.run(0).latents
     reference = _multidiffusion(tiny_sd3_dynamic, _noise(resolved, 2), 8, 4, 3, 5.0)
     torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)
+    # the canvas's own shift would be another schedule: the window's is the one the model was trained with
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    den = pipe.denoiser_for(resolved)
+    ours_sched, canvas_sched = den.make_scheduler("flow_euler"), den.make_scheduler("flow_euler")
+    den.set_timesteps(ours_sched, 3, resolved.build("tiler").views(resolved.canvas))
+    c = canvas_sched.config
+    canvas_sched.set_timesteps(3, mu=calculate_shift(4 * 10, c.base_image_seq_len, c.max_image_seq_len, c.base_shift,
+                                                     1.16))
+    assert (ours_sched.sigmas - canvas_sched.sigmas).abs().max() > 1e-3
 
 
 def test_sync_matches_per_window_reference(sd3_spec):
