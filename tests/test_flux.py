@@ -298,6 +298,29 @@ def test_single_file_transformer(flux_spec, tiny_flux, tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_single_file_without_its_other_parts_is_one_line(flux_spec, tmp_path, no_network, monkeypatch):
+    """Unset single_file_config: the hub id of the checkpoint's family (dev: it has a guidance embedding) is tried;
+    not downloaded, that is one line saying what to set."""
+    import diffusers.utils.constants
+    import huggingface_hub.constants
+    from safetensors.torch import save_file
+
+    for module in (huggingface_hub.constants, diffusers.utils.constants):  # offline: no retries against the hub
+        monkeypatch.setattr(module, "HF_HUB_OFFLINE", True, raising=False)
+
+    from syncengine.errors import ModelNotFoundError
+    from syncengine_flux.denoiser import DEV, single_file_family
+
+    _, den = _denoiser(flux_spec())
+    ckpt = tmp_path / "flux-transformer.safetensors"
+    save_file({k: v.contiguous() for k, v in den.transformer.state_dict().items()}, str(ckpt))
+    assert single_file_family(ckpt) == DEV
+    with pytest.raises(ModelNotFoundError) as info:
+        _denoiser(flux_spec(denoiser={"pretrained": str(ckpt)}))
+    message = str(info.value)
+    assert "denoiser.single_file_config" in message and DEV in message and "\n" not in message
+
+
 # ------------------------------------------------------------------------------------------------- presets
 
 

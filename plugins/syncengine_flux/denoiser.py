@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from syncengine.denoiser import NO_CONTEXT, Conditioning, Denoiser, RequestContext, Step
-from syncengine.errors import ConfigError
+from syncengine.errors import ConfigError, ModelNotFoundError, one_line
 from syncengine.schedulers import check_flow_scheduler, make_scheduler
 from syncengine.views import View
 from syncengine_sd.loading import TINY_MODEL, check_device, check_tokenizer, load_pipeline, torch_device, torch_dtype
@@ -145,9 +145,19 @@ class FluxDenoiser(SyncDecoding, Denoiser):
             return load_pipeline(FluxPipeline, str(tiny_flux_path()), self.dtype)
         path = Path(c.pretrained).expanduser()
         if path.is_file():  # a transformer checkpoint; the text encoders, VAE and scheduler come from its config
-            config = c.single_file_config or single_file_family(path)
-            kwargs["transformer"] = self._load_single_file_transformer(path, config)
-            return load_pipeline(FluxPipeline, config, self.dtype, **kwargs)
+            if c.single_file_config:
+                kwargs["transformer"] = self._load_single_file_transformer(path, c.single_file_config)
+                return load_pipeline(FluxPipeline, c.single_file_config, self.dtype, **kwargs)
+            guess = single_file_family(path)
+            try:
+                kwargs["transformer"] = self._load_single_file_transformer(path, guess)
+                return load_pipeline(FluxPipeline, guess, self.dtype, **kwargs)
+            except ModelNotFoundError as exc:
+                raise ModelNotFoundError(
+                    f"single-file checkpoint {c.pretrained!r} holds the transformer only; its other parts (text "
+                    f"encoders, VAE, configs) come from denoiser.single_file_config, unset, so {guess} was tried "
+                    f"and could not be loaded ({one_line(exc.__cause__ or exc, 160)}); set "
+                    f"denoiser.single_file_config to a local FLUX diffusers folder or a downloaded hub id") from exc
         return load_pipeline(FluxPipeline, c.pretrained, self.dtype, **kwargs)
 
     def _load_single_file_transformer(self, path: Path, config: str):
