@@ -41,7 +41,7 @@ MAX_SEQUENCE_LENGTH = 512  # the pipeline's limit for T5 tokens
 @dataclass
 class SD3Config:
     pretrained: str = "stabilityai/stable-diffusion-3.5-medium"  # hub id, local diffusers folder, or .safetensors
-    dtype: str = "auto"  # auto: bfloat16 on CUDA (SD3's training precision), float32 on CPU
+    dtype: str = "auto"  # auto: bfloat16 on CUDA (SD3.5 is published in it), float32 on CPU
     device: str = "auto"
     revision: Optional[str] = None
     variant: Optional[str] = None  # e.g. fp16
@@ -72,7 +72,7 @@ class SD3PromptEmbedding(NamedTuple):
 
 
 def sd3_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bfloat16 on CUDA: SD3's activations overflow float16."""
+    """``auto`` is bfloat16 on CUDA, the precision SD3.5 is published and run in (float16 only when asked)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return torch_dtype(name, device)
