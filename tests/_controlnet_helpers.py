@@ -9,7 +9,7 @@ import torch
 
 
 def build_tiny_controlnet(sd_folder: Path, out: Path, seed: int) -> Path:
-    """``ControlNetModel.from_unet`` of the tiny UNet, saved with ``save_pretrained``.
+    """``ControlNetModel.from_unet`` of a saved pipeline's UNet (the tiny SD or SDXL), saved with ``save_pretrained``.
 
     from_unet zero-initialises the output convolutions (a fresh ControlNet changes nothing); they are re-drawn here
     so that control has an effect the tests can see."""
@@ -35,6 +35,12 @@ def tiny_controlnet(tiny_sd, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_controlnet_b(tiny_sd, tmp_path_factory) -> Path:
     return build_tiny_controlnet(tiny_sd, tmp_path_factory.mktemp("models") / "tiny-controlnet-b", seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_controlnet(tiny_sdxl, tmp_path_factory) -> Path:
+    """A ControlNet of the tiny SDXL UNet (text_time added conditions), for the mixin on the SDXL denoiser."""
+    return build_tiny_controlnet(tiny_sdxl, tmp_path_factory.mktemp("models") / "tiny-sdxl-controlnet", seed=3)
 
 
 def coordinate_image(path: Path, height: int, width: int) -> Path:

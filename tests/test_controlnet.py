@@ -1,8 +1,11 @@
 """The controlnet denoiser: each view gets exactly its crop of the condition, the arithmetic equals diffusers'
-StableDiffusionControlNetPipeline, scale 0 equals plain Stable Diffusion, and ControlNets add up."""
+StableDiffusionControlNetPipeline, scale 0 equals plain Stable Diffusion, and ControlNets add up. The same mixin on
+the SDXL denoiser equals StableDiffusionXLControlNetPipeline."""
 from __future__ import annotations
 
 import json
+import warnings
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -13,7 +16,9 @@ from _controlnet_helpers import (  # noqa: F401  (fixtures)
     record_conditions,
     tiny_controlnet,
     tiny_controlnet_b,
+    tiny_sdxl_controlnet,
 )
+from _sdxl_helpers import tiny_sdxl  # noqa: F401  (fixture)
 
 from syncengine.config import resolve
 from syncengine.errors import SyncEngineError
@@ -238,3 +243,67 @@ def test_region_layout_views_get_their_boxes(tiny_sd, tiny_controlnet, tmp_path)
     for batch, left in zip(calls, (0, 64)):
         xs, ys = _coordinates(batch[1])
         assert torch.equal(xs[0], left + torch.arange(batch.shape[-1])) and torch.equal(ys[:, 0], torch.arange(64))
+
+
+# ------------------------------------------------------------------------------------- the mixin on another family
+
+
+@pytest.fixture
+def sdxl_controlnet_denoiser():
+    """ControlNetConditioning on the SDXL denoiser, registered for this test only: the family's ``unet_kwargs``
+    carry ``added_cond_kwargs``, which the mixin hands to its ControlNets."""
+    from syncengine import registry
+    from syncengine_controlnet.denoiser import ControlNetConditioning, ControlNetOptions
+    from syncengine_sdxl.denoiser import StableDiffusionXLConfig, StableDiffusionXLDenoiser
+
+    @dataclass
+    class XLControlNetConfig(ControlNetOptions, StableDiffusionXLConfig):
+        """SDXL's options plus the ControlNet ones."""
+
+    @registry.register("denoiser", "test-sdxl-controlnet")
+    class XLControlNet(ControlNetConditioning, StableDiffusionXLDenoiser):
+        Config = XLControlNetConfig
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny kernels on a busy 2-core machine: one thread is much faster
+    yield "test-sdxl-controlnet"
+    torch.set_num_threads(threads)
+    registry.unregister("denoiser", "test-sdxl-controlnet")
+
+
+@pytest.mark.parametrize("guess_mode", [False, True], ids=["plain", "guess-mode"])
+def test_mixin_on_sdxl_equals_diffusers_sdxl_controlnet_pipeline(tiny_spec, tiny_sdxl, tiny_sdxl_controlnet,
+                                                                 sdxl_controlnet_denoiser, tmp_path, guess_mode):
+    from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionXLControlNetPipeline
+    from PIL import Image
+
+    from syncengine.sampler import JointSampler
+
+    height, width, steps, seed, prompt = 64, 96, 3, 5, "a photo of a mountain"
+    image = random_image(tmp_path / "c.png", height, width)
+    unit = {"model": str(tiny_sdxl_controlnet), "scale": 0.7}
+    spec = tiny_spec(canvas={"height": height, "width": width},
+                     tiler={"name": "sliding", "window": width, "window_height": height, "stride": 32},
+                     requests=[{"prompt": prompt, "seed": seed, "inputs": {"control": str(image)}}])
+    spec["denoiser"] = {"name": sdxl_controlnet_denoiser, "pretrained": str(tiny_sdxl), "controlnets": [unit],
+                        "guess_mode": guess_mode}
+    resolved = resolve(spec)
+    ours = Pipeline(resolved).run(0).latents
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
+            str(tiny_sdxl), controlnet=ControlNetModel.from_pretrained(str(tiny_sdxl_controlnet)))
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref_pipe.scheduler = DDIMScheduler.from_config(ref_pipe.scheduler.config)
+    ref = ref_pipe(prompt, image=Image.open(image).convert("RGB"), height=height, width=width,
+                   num_inference_steps=steps, guidance_scale=7.5, controlnet_conditioning_scale=0.7,
+                   guess_mode=guess_mode, latents=JointSampler.initial_noise(None, resolved.canvas, seed),
+                   output_type="latent").images
+    torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=1e-5)  # measured: equal (0.0) on the CPU
+    if not guess_mode:
+        unit["scale"] = 0.0
+        spec["denoiser"] = {"name": "stable-diffusion-xl", "pretrained": str(tiny_sdxl)}
+        plain = Pipeline(resolve(spec)).run(0).latents
+        assert not torch.allclose(ours, plain, atol=1e-3)  # control acts
+        spec["denoiser"] = {"name": sdxl_controlnet_denoiser, "pretrained": str(tiny_sdxl), "controlnets": [unit]}
+        assert torch.equal(Pipeline(resolve(spec)).run(0).latents, plain)  # scale 0: plain SDXL, bit for bit
