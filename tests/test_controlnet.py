@@ -12,6 +12,7 @@ import torch
 from _controlnet_helpers import (  # noqa: F401  (fixtures)
     controlnet_spec,
     coordinate_image,
+    one_thread,
     random_image,
     record_conditions,
     tiny_controlnet,
@@ -264,10 +265,7 @@ def sdxl_controlnet_denoiser():
     class XLControlNet(ControlNetConditioning, StableDiffusionXLDenoiser):
         Config = XLControlNetConfig
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny kernels on a busy 2-core machine: one thread is much faster
     yield "test-sdxl-controlnet"
-    torch.set_num_threads(threads)
     registry.unregister("denoiser", "test-sdxl-controlnet")
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _controlnet_helpers import controlnet_spec, coordinate_image, random_image, tiny_controlnet  # noqa: F401
+from _controlnet_helpers import (  # noqa: F401  (fixtures)
+    controlnet_spec,
+    coordinate_image,
+    one_thread,
+    random_image,
+    tiny_controlnet,
+)
 
 from syncengine.config import resolve
 from syncengine.errors import ConfigError, ModelNotFoundError, SyncEngineError

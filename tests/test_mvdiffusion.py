@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from _controlnet_helpers import random_image, record_conditions, tiny_controlnet  # noqa: F401  (fixture)
+from _controlnet_helpers import one_thread, random_image, record_conditions, tiny_controlnet  # noqa: F401
 
 from syncengine.denoiser import NO_CONTEXT, Conditioning, Step
 from syncengine.errors import ConfigError, ModelNotFoundError
