@@ -1,15 +1,10 @@
 """Tiny random SD3 models for the sd3 tests, built in code and saved locally (loaded through the engine's loader)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-if importlib.util.find_spec("syncengine_sd3") is None:  # an editable install made before the package existed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
 
 SEQ = 8  # T5 tokens: the tests need the path, not the length
 

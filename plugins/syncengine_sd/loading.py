@@ -5,6 +5,7 @@ back to random weights silently.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -96,7 +97,9 @@ def load_pipeline(pipeline_cls, ref: str, dtype: torch.dtype, **kwargs: Any):
 
 
 def _load_pipeline(pipeline_cls, ref: str, dtype: torch.dtype, **kwargs: Any):
-    common = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    common: dict[str, Any] = dict(torch_dtype=dtype)
+    if "safety_checker" in inspect.signature(pipeline_cls.__init__).parameters:  # SD 1/2 only; others warn on it
+        common.update(safety_checker=None, requires_safety_checker=False)
     if ref == TINY_MODEL:
         kwargs.pop("single_file_config", None)
         return _load_tiny(pipeline_cls, common, kwargs)
