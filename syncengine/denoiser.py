@@ -105,6 +105,7 @@ class Denoiser(Plugin):
     - ``decode(latents)`` returns images in ``[-1, 1]`` (not clamped), differentiably.
     """
 
+    section = "denoiser"  # error keys of its options (closed sets checked by the Plugin base)
     latent_factor: int = 8
     latent_channels: int = 4
     prediction_type: str = "epsilon"

@@ -87,6 +87,14 @@ def is_flow_scheduler_name(name: str, options: dict[str, Any] | None = None) -> 
     return class_name.startswith("FlowMatch") or bool((options or {}).get("use_flow_sigmas", False))
 
 
+def check_diffusion_scheduler(name: str, options: dict[str, Any], family: str) -> None:
+    """The reverse rule: a diffusion model (SD, SDXL) stepped by a flow scheduler would sample garbage."""
+    check_scheduler_name(name)
+    if is_flow_scheduler_name(name, options):
+        raise ConfigError("sampler.scheduler", f"{family} is a diffusion model; {name!r} steps a rectified flow: use "
+                                               "ddim, euler, dpm++ or another diffusion scheduler")
+
+
 def check_flow_scheduler(name: str, options: dict[str, Any], family: str) -> None:
     """A rectified-flow model (SD3, FLUX) needs a flow scheduler, a diffusion model one of the others: say so at
     validation instead of sampling garbage."""

@@ -21,6 +21,8 @@ class SyncLoss(Plugin, nn.Module):
       gradient is exactly the gradient of its own loss.
     """
 
+    section = "sync.loss"  # error keys of its options (closed sets checked by the Plugin base)
+
     def __init__(self, config: Any = None):
         Plugin.__init__(self, config)
         nn.Module.__init__(self)

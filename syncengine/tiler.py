@@ -21,6 +21,8 @@ class Tiler(Plugin):
       ``context["sync_group"] = None`` excludes a view from synchronization.
     """
 
+    section = "tiler"  # error keys of its options (closed sets checked by the Plugin base)
+
     @property
     def periodic_width(self) -> bool:
         """True when the canvas wraps horizontally (loop panoramas, 360° equirectangular): decoding pads across the

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -251,22 +250,9 @@ def test_region_layout_views_get_their_boxes(tiny_sd, tiny_controlnet, tmp_path)
 
 @pytest.fixture
 def sdxl_controlnet_denoiser():
-    """ControlNetConditioning on the SDXL denoiser, registered for this test only: the family's ``unet_kwargs``
-    carry ``added_cond_kwargs``, which the mixin hands to its ControlNets."""
-    from syncengine import registry
-    from syncengine_controlnet.denoiser import ControlNetConditioning, ControlNetOptions
-    from syncengine_sdxl.denoiser import StableDiffusionXLConfig, StableDiffusionXLDenoiser
-
-    @dataclass
-    class XLControlNetConfig(ControlNetOptions, StableDiffusionXLConfig):
-        """SDXL's options plus the ControlNet ones."""
-
-    @registry.register("denoiser", "test-sdxl-controlnet")
-    class XLControlNet(ControlNetConditioning, StableDiffusionXLDenoiser):
-        Config = XLControlNetConfig
-
-    yield "test-sdxl-controlnet"
-    registry.unregister("denoiser", "test-sdxl-controlnet")
+    """The built-in ``controlnet-sdxl``: ControlNetConditioning on the SDXL denoiser (the family's ``unet_kwargs``
+    carry ``added_cond_kwargs``, which the mixin hands to its ControlNets)."""
+    return "controlnet-sdxl"
 
 
 @pytest.mark.parametrize("guess_mode", [False, True], ids=["plain", "guess-mode"])

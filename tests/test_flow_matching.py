@@ -155,3 +155,16 @@ def test_flow_sync_matches_per_window_reference():
     plain = JointSampler(den, views, _Average(), None, SyncSchedule(0.0),
                          SamplerOptions(scheduler="flow_euler", steps=steps)).sample(request, canvas)
     assert (ours.latents - plain.latents).abs().max() > 1e-3  # the sync update did move the windows
+
+
+@pytest.mark.parametrize("name", ["stable-diffusion", "mvdiffusion", "stable-diffusion-xl"])
+def test_diffusion_models_refuse_a_flow_scheduler_before_loading(tiny_spec, name, no_network):
+    from syncengine.config import resolve
+
+    spec = tiny_spec(sampler={"scheduler": "flow_euler"})
+    spec["denoiser"] = {"name": name, "pretrained": "/nonexistent/model"}  # never loaded: validation comes first
+    if name == "mvdiffusion":
+        spec["tiler"] = {"name": "perspective", "window": 64}
+        spec["canvas"] = {"height": 128, "width": 256}
+    with pytest.raises(ConfigError, match=r"sampler.scheduler.*diffusion model; 'flow_euler' steps a rectified flow"):
+        resolve(spec)

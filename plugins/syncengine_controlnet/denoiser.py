@@ -104,7 +104,6 @@ class ControlNetConditioning:
     part ``"controlnet"`` to the request context.
     """
 
-    section = "denoiser"  # closed-set options (resize) checked by the Plugin base when built without a spec
     CONTROLNET_PART = "controlnet"  # the request context's part: canvas-sized [3, H, W] condition per ControlNet
 
     def __init__(self, config: ControlNetOptions | None = None):

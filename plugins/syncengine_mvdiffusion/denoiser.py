@@ -49,7 +49,6 @@ class MVDiffusionDenoiser(StableDiffusionDenoiser):
     """SD components + correspondence-attention blocks; cameras come from ``view.context["camera"]``."""
 
     Config = MVDiffusionConfig
-    section = "denoiser"  # closed-set options (neighbors) checked by the Plugin base when built without a spec
     joint_views = True  # the views of a batch attend to each other
 
     def __init__(self, config: MVDiffusionConfig | None = None):
@@ -113,6 +112,7 @@ class MVDiffusionDenoiser(StableDiffusionDenoiser):
     @classmethod
     def check_run(cls, spec: ResolvedSpec, views: Sequence[View]) -> None:
         """Before any weights load: every view has a camera, all views fit one batch, and one process holds them."""
+        super().check_run(spec, views)
         if any("camera" not in v.context for v in views):
             raise ConfigError("tiler.name", "the mvdiffusion denoiser needs views with a camera; use the perspective "
                                             "tiler")

@@ -3,17 +3,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
 
 import torch
 
 from syncengine.denoiser import NO_CONTEXT, Conditioning, Denoiser, PromptEmbedding, RequestContext, Step
-from syncengine.errors import ConfigError
-from syncengine.schedulers import make_scheduler
+from syncengine.schedulers import check_diffusion_scheduler, make_scheduler
 from syncengine.views import View
 
 from .loading import TINY_MODEL, check_device, check_tokenizer, load_pipeline, torch_device, torch_dtype
 from .sync_decoding import SyncDecoding, check_sync_decode_scale
+
+if TYPE_CHECKING:
+    from syncengine.config import ResolvedSpec
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,7 @@ class StableDiffusionConfig:
     revision: Optional[str] = None
     variant: Optional[str] = None  # e.g. fp16
     single_file_config: Optional[str] = None  # diffusers folder/hub id whose configs fit a single-file checkpoint
-    prediction_type: Optional[str] = None  # override the scheduler's (epsilon | v_prediction)
+    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None  # override the scheduler's
     gradient_checkpointing: bool = False  # recompute UNet activations in the sync backward: less memory, more time
     sync_vae: Optional[str] = None  # a cheaper decoder for the sync loss only (AutoencoderTiny folder/hub id)
     sync_decode_scale: float = 1.0  # resize x0 latents by this before the sync decode (0.5: 4x fewer pixels)
@@ -45,8 +47,6 @@ class StableDiffusionDenoiser(SyncDecoding, Denoiser):
     def __init__(self, config: StableDiffusionConfig | None = None):
         super().__init__(config)
         c = self.config
-        if c.prediction_type not in (None, "epsilon", "v_prediction"):
-            raise ConfigError("denoiser.prediction_type", f"{c.prediction_type!r} is not epsilon or v_prediction")
         check_sync_decode_scale(c.sync_decode_scale)
         self.device = torch_device(c.device)
         self.dtype = torch_dtype(c.dtype, self.device)
@@ -88,6 +88,12 @@ class StableDiffusionDenoiser(SyncDecoding, Denoiser):
         if c.single_file_config:
             kwargs["single_file_config"] = c.single_file_config
         return load_pipeline(self._pipeline_class(), c.pretrained, self.dtype, **kwargs)
+
+    @classmethod
+    def check_run(cls, spec: ResolvedSpec, views: Sequence[View]) -> None:
+        """Before any weights load: a diffusion scheduler (a flow one would sample garbage)."""
+        s = spec.config.sampler
+        check_diffusion_scheduler(str(s.scheduler), dict(s.scheduler_options or {}), spec.config.denoiser.name)
 
     @property
     def default_window(self) -> int:
