@@ -82,6 +82,16 @@ def calculate_shift(seq_len: int, config: dict) -> float:
     return seq_len * m + base_shift - m * base_len
 
 
+def twice(value: Any) -> Any:
+    """A batch-first keyword argument for the doubled true-CFG batch: tensors (or lists of them) repeated, row for
+    row, for the negative half; anything else (flags) as it is."""
+    if isinstance(value, torch.Tensor):
+        return torch.cat([value, value])
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return type(value)(torch.cat([v, v]) for v in value)
+    return value
+
+
 def single_file_family(path: Path) -> str:
     """The hub id whose configs fit a single-file transformer: dev when it has a guidance embedding, else schnell."""
     try:
@@ -244,14 +254,33 @@ class FluxDenoiser(SyncDecoding, Denoiser):
         if offload and self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def transformer_kwargs(
+        self,
+        tokens: torch.Tensor,
+        step: Step,
+        text: torch.Tensor,
+        pooled: torch.Tensor,
+        scales: torch.Tensor,
+        ids: torch.Tensor,
+        views: Sequence[View],
+        context: RequestContext = NO_CONTEXT,
+    ) -> dict[str, Any]:
+        """Extra keyword arguments of the transformer call for the positive batch (one row per view; ``scales`` are
+        the views' guidance scales): the hook conditioning composes through, as SD's ``unet_kwargs`` (a transformer
+        ControlNet adds its block samples). With true CFG the negative pass reuses them, as FluxControlNetPipeline
+        does. None for plain FLUX."""
+        return {}
+
     def transformer_forward(self, tokens: torch.Tensor, step: Step, text: torch.Tensor, pooled: torch.Tensor,
-                            guidance: Optional[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-        """One transformer call on packed tokens, as FluxPipeline makes it (timestep in [0, 1])."""
+                            guidance: Optional[torch.Tensor], ids: torch.Tensor,
+                            extra: Optional[dict[str, Any]] = None) -> torch.Tensor:
+        """One transformer call on packed tokens, as FluxPipeline makes it (timestep in [0, 1]); ``extra`` holds
+        the keyword arguments of :meth:`transformer_kwargs`."""
         t = torch.as_tensor(step.timestep, device=tokens.device).expand(tokens.shape[0]).to(tokens.dtype)
         txt_ids = torch.zeros(text.shape[1], 3, device=tokens.device, dtype=text.dtype)
         return self.transformer(hidden_states=tokens, timestep=t / 1000, guidance=guidance,
                                 pooled_projections=pooled, encoder_hidden_states=text, txt_ids=txt_ids, img_ids=ids,
-                                return_dict=False)[0]
+                                return_dict=False, **(extra or {}))[0]
 
     def predict(
         self,
@@ -269,16 +298,17 @@ class FluxDenoiser(SyncDecoding, Denoiser):
         prompts = [FluxPrompt(*c.embedding) for c in conds]
         text = torch.cat([p.text for p in prompts])
         pooled = torch.cat([p.pooled for p in prompts])
-        guidance = None
-        if self.guidance_embeds:  # guidance-distilled (dev): the view's scale is an input of the network
-            guidance = torch.tensor([c.guidance_scale for c in conds], device=x.device, dtype=torch.float32)
+        scales = torch.tensor([c.guidance_scale for c in conds], device=x.device, dtype=torch.float32)
+        guidance = scales if self.guidance_embeds else None  # guidance-distilled (dev): an input of the network
+        extra = self.transformer_kwargs(tokens, step, text, pooled, scales, ids, views, context)
         if not self.true_cfg:
-            return unpack(self.transformer_forward(tokens, step, text, pooled, guidance, ids), h, w).float()
+            return unpack(self.transformer_forward(tokens, step, text, pooled, guidance, ids, extra), h, w).float()
         negative_text = torch.cat([p.negative_text for p in prompts])
         negative_pooled = torch.cat([p.negative_pooled for p in prompts])
         both = self.transformer_forward(torch.cat([tokens, tokens]), step, torch.cat([negative_text, text]),
                                         torch.cat([negative_pooled, pooled]),
-                                        None if guidance is None else torch.cat([guidance, guidance]), ids)
+                                        None if guidance is None else torch.cat([guidance, guidance]), ids,
+                                        {k: twice(v) for k, v in extra.items()})
         negative, positive = unpack(both, h, w).float().chunk(2)
         return negative + self.config.true_cfg_scale * (positive - negative)
 

@@ -49,6 +49,7 @@ class SD3Config:
     t5: bool = True  # false: no T5 encoder (about 9 GB less in 16 bit; its tokens are zeros), weaker prompt following
     max_sequence_length: int = 256  # T5 tokens per prompt (at most 512); longer prompts are truncated
     gradient_checkpointing: bool = False  # recompute transformer activations in the sync backward: less memory
+    text_encoders_to_cpu: bool = False  # move CLIP-L, CLIP-G and T5 off the accelerator once prompts are encoded
     sync_vae: Optional[str] = None  # a cheaper decoder for the sync loss only (TAESD3: AutoencoderTiny folder/hub id)
     sync_decode_scale: float = 1.0  # resize x0 latents by this before the sync decode (0.5: 4x fewer pixels)
 
@@ -107,6 +108,7 @@ class SD3Denoiser(SyncDecoding, Denoiser):
         self.latent_channels = int(self.transformer.config.in_channels)
         self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.patch_size = int(self.transformer.config.patch_size)
+        self.text_encoders_offloaded = False
         self.sync_decoder = self.load_sync_decoder()
 
     # ----------------------------------------------------------------------------------------------------- loading
@@ -211,18 +213,56 @@ class SD3Denoiser(SyncDecoding, Denoiser):
         scheduler.set_timesteps(steps, device=self.device, **kwargs)
 
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> SD3PromptEmbedding:
+        self.text_encoders_to(self.device)
         positive, negative, pooled, negative_pooled = self.pipe.encode_prompt(
             prompt, None, None, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True,
             negative_prompt=negative_prompt or None, max_sequence_length=self.config.max_sequence_length,
         )
         return SD3PromptEmbedding(negative=negative, positive=positive, negative_pooled=negative_pooled, pooled=pooled)
 
-    def transformer_forward(self, latents: torch.Tensor, step: Step, hidden: torch.Tensor,
-                            pooled: torch.Tensor) -> torch.Tensor:
-        """One MMDiT call on a batch, as the pipeline makes it (the timestep broadcast over the batch)."""
+    def text_encoders_to(self, device: torch.device) -> None:
+        """Where ``text_encoders_to_cpu`` keeps CLIP-L, CLIP-G and T5 (about 10 GB in 16 bit): on the model's device
+        while prompts are encoded, on the CPU from a request's first prediction on (its prompts are encoded by then),
+        so the sync backward has that memory."""
+        if not self.config.text_encoders_to_cpu:
+            return
+        offload = torch.device(device).type == "cpu"
+        if offload == self.text_encoders_offloaded:
+            return
+        p = self.pipe
+        for module in (p.text_encoder, p.text_encoder_2, p.text_encoder_3):
+            if module is not None:  # T5 is absent with t5: false
+                module.to(device)
+        self.text_encoders_offloaded = offload
+        if offload and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def transformer_kwargs(
+        self,
+        latents: torch.Tensor,
+        step: Step,
+        hidden: torch.Tensor,
+        pooled: torch.Tensor,
+        views: Sequence[View],
+        cond_mask: torch.Tensor,
+        context: RequestContext = NO_CONTEXT,
+    ) -> dict[str, Any]:
+        """Extra keyword arguments of the transformer call for this batch (one row per entry of ``views``;
+        ``cond_mask`` flags the conditional rows of the CFG batch): the hook conditioning composes through, as SD's
+        ``unet_kwargs`` (a transformer ControlNet adds ``block_controlnet_hidden_states``). None for plain SD3."""
+        return {}
+
+    def transformer_forward(self, latents: torch.Tensor, step: Step, hidden: torch.Tensor, pooled: torch.Tensor,
+                            views: Sequence[View] = (), cond_mask: torch.Tensor | None = None,
+                            context: RequestContext = NO_CONTEXT) -> torch.Tensor:
+        """One MMDiT call on a batch, as the pipeline makes it (the timestep broadcast over the batch), with the
+        keyword arguments of :meth:`transformer_kwargs`."""
+        if cond_mask is None:
+            cond_mask = torch.ones(latents.shape[0], dtype=torch.bool, device=latents.device)
+        kwargs = self.transformer_kwargs(latents, step, hidden, pooled, views, cond_mask, context)
         timestep = step.timestep.to(latents.device).expand(latents.shape[0])
         return self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=hidden,
-                                pooled_projections=pooled, return_dict=False)[0]
+                                pooled_projections=pooled, return_dict=False, **kwargs)[0]
 
     def predict(
         self,
@@ -232,17 +272,20 @@ class SD3Denoiser(SyncDecoding, Denoiser):
         views: Sequence[View],
         context: RequestContext = NO_CONTEXT,
     ) -> torch.Tensor:
+        self.text_encoders_to(torch.device("cpu"))
         x = latents.to(self.dtype)
         scales = torch.tensor([c.guidance_scale for c in conds], device=x.device, dtype=torch.float32)
         embeds = [SD3PromptEmbedding(*c.embedding) for c in conds]
         positive = torch.cat([e.positive for e in embeds])
         pooled = torch.cat([e.pooled for e in embeds])
         if bool((scales <= 1).all()):  # no guidance: conditional branch only (as the pipeline does)
-            return self.transformer_forward(x, step, positive, pooled).float()
+            return self.transformer_forward(x, step, positive, pooled, views, None, context).float()
         negative = torch.cat([e.negative for e in embeds])
         negative_pooled = torch.cat([e.negative_pooled for e in embeds])
+        n = x.shape[0]
+        mask = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)]).to(x.device)
         out = self.transformer_forward(torch.cat([x, x]), step, torch.cat([negative, positive]),
-                                       torch.cat([negative_pooled, pooled]))
+                                       torch.cat([negative_pooled, pooled]), list(views) * 2, mask, context)
         uncond, cond = out.float().chunk(2)
         g = scales.view(-1, 1, 1, 1)
         return uncond + g * (cond - uncond)
