@@ -10,6 +10,10 @@ measurement alone) loads the family's model through the engine's own loader and 
 - the peak memory the sync update added over the loaded, warmed-up model (``peak_over_start_mib``; on CUDA the
   allocator's peak).
 
+The loss is the same for every family (``--loss lpips``: LPIPS-VGG with random backbone weights, the paper's loss
+network's cost) or a mean square error (``--loss mse``, the default), which leaves the family's own cost: its
+network's forward and backward and its VAE decoder's.
+
 Variants: ``base``; ``ckpt`` (``denoiser.gradient_checkpointing``); ``taesd`` (``denoiser.sync_vae``, a tiny
 AutoencoderTiny with the family's latent channels); ``ckpt+taesd``.
 
@@ -90,6 +94,16 @@ def _tiny_decoder(root: Path, channels: int) -> str:
     return _saved(root / f"taesd-{channels}ch", build)
 
 
+class MeanSquare(torch.nn.Module):
+    """The loss without a network: what remains of the sync update's cost is the family's."""
+
+    def prepare_target(self, anchor: torch.Tensor) -> torch.Tensor:
+        return anchor
+
+    def forward(self, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (images - target).flatten(1).pow(2).mean(1)
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -122,7 +136,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         options["sync_vae"] = _tiny_decoder(root, probe_channels)
     den = cls(cls.Config(**section, **options, device=job["device"]))
     device = den.device
-    loss = LPIPSLoss(LPIPSConfig(net="vgg", backbone="random")).to(device)
+    loss = (LPIPSLoss(LPIPSConfig(net="vgg", backbone="random")) if job["loss"] == "lpips" else MeanSquare()).to(device)
     latent = window // den.latent_factor
     view = CropView(0, top=0, left=0, height=latent, width=latent)
     scheduler = den.make_scheduler(job["scheduler"])
@@ -164,8 +178,8 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     start = _status_kib("VmRSS")
     seconds_sync = timed(sync)
     peak = _status_kib("VmHWM")
-    out = {"family": job["family"], "variant": job["variant"], "window": window, "device": str(device),
-           "dtype": str(den.dtype).replace("torch.", ""), "seconds_denoise": timed(denoise),
+    out = {"family": job["family"], "variant": job["variant"], "window": window, "loss": job["loss"],
+           "device": str(device), "dtype": str(den.dtype).replace("torch.", ""), "seconds_denoise": timed(denoise),
            "seconds_sync": seconds_sync, "peak_over_start_mib": (peak - start) / 1024,
            "threads": torch.get_num_threads()}
     if device.type == "cuda":
@@ -181,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--window", type=int, default=None, help="window in pixels (default: per family)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--loss", choices=("mse", "lpips"), default="mse")
     parser.add_argument("--full", action="store_true", help="full-size random-weight models (GPU)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: one measurement
@@ -193,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         flow = family in ("sd3", "flux")
         for variant in args.variants.split(","):
             job = {"family": family, "variant": variant, "device": args.device, "window": args.window,
-                   "repeats": args.repeats, "full": args.full, "root": str(_cache_root()),
+                   "repeats": args.repeats, "full": args.full, "loss": args.loss, "root": str(_cache_root()),
                    "scheduler": "flow_euler" if flow else "ddim", "steps": 10, "guidance": 3.5 if flow else 7.5,
                    "latent_channels": 16 if flow else 4}
             proc = subprocess.run([sys.executable, "-m", "benchmarks.families", "--job", json.dumps(job)],
