@@ -65,9 +65,9 @@ PALETTES: dict[str, Palette] = {
         cloud=(0.96, 0.50, 0.46), cloud_alpha=0.85, light=(1.0, 0.78, 0.36), light_height=(0.36, 0.46),
         light_radius=0.10, glow=0.35, stars=0),
     "night": Palette(
-        sky_top=(0.02, 0.03, 0.10), horizon=(0.08, 0.12, 0.28), mountain=(0.06, 0.08, 0.17), caps=None,
-        ground=(0.05, 0.10, 0.10), ground_low=(0.03, 0.06, 0.06), tree=(0.01, 0.03, 0.03),
-        cloud=(0.20, 0.22, 0.32), cloud_alpha=0.5, light=(0.95, 0.95, 0.84), light_height=(0.10, 0.28),
+        sky_top=(0.02, 0.03, 0.10), horizon=(0.10, 0.16, 0.36), mountain=(0.04, 0.05, 0.11), caps=None,
+        ground=(0.06, 0.12, 0.13), ground_low=(0.03, 0.06, 0.07), tree=(0.01, 0.02, 0.03),
+        cloud=(0.26, 0.28, 0.40), cloud_alpha=0.6, light=(0.95, 0.95, 0.84), light_height=(0.10, 0.28),
         light_radius=0.05, glow=0.0, stars=10),
     "snow": Palette(
         sky_top=(0.60, 0.65, 0.74), horizon=(0.86, 0.88, 0.91), mountain=(0.52, 0.56, 0.64), caps=(0.97, 0.97, 1.0),
@@ -177,7 +177,7 @@ def render_crop(params: SceneParams, look: str, height: int, left: int, width: i
 
     if len(params.clouds):
         cu, cv, rx, ry = (torch.tensor(params.clouds[:, i], dtype=torch.float32).view(-1, 1, 1) for i in range(4))
-        keep = ((cu + rx) * H >= left) & ((cu - rx) * H <= left + width)
+        keep = ((cu + rx) * H + 1 >= left) & ((cu - rx) * H - 1 <= left + width)  # soft edges reach 1/2 px out
         if keep.any():
             cu, cv, rx, ry = cu[keep.view(-1)], cv[keep.view(-1)], rx[keep.view(-1)], ry[keep.view(-1)]
             r = torch.sqrt(((uu - cu) / rx) ** 2 + ((v - cv) / ry) ** 2)  # [C, H, W]
@@ -200,7 +200,7 @@ def render_crop(params: SceneParams, look: str, height: int, left: int, width: i
 
     if len(params.trees):
         tu = torch.tensor(params.trees[:, 0], dtype=torch.float32)
-        keep = ((tu + 0.05) * H >= left) & ((tu - 0.05) * H <= left + width)
+        keep = ((tu + 0.05) * H + 1 >= left) & ((tu - 0.05) * H - 1 <= left + width)  # 0.05 > any half width
         if keep.any():
             trees = torch.tensor(params.trees[keep.numpy()], dtype=torch.float32)
             tu, hw, th = (trees[:, i].view(-1, 1, 1) for i in range(3))
