@@ -36,7 +36,7 @@ from .preprocessors import build_preprocessor
 if TYPE_CHECKING:
     from syncengine.sampler import Request
 
-SD3_EXAMPLE = "stabilityai/stable-diffusion-3.5-large-controlnet-canny"
+SD3_EXAMPLE = "InstantX/SD3-Controlnet-Canny"
 FLUX_EXAMPLE = "InstantX/FLUX.1-dev-Controlnet-Canny"
 
 
@@ -213,9 +213,9 @@ def _add(a: list[torch.Tensor] | None, b: list[torch.Tensor] | None) -> list[tor
 
 @dataclass
 class ControlNetSD3Config(TransformerControlNetOptions, SD3Config):
-    """SD3's options plus the ControlNet ones (``controlnets``: SD3 ControlNets, e.g. SD3.5 Large's Canny one)."""
+    """SD3's options plus the ControlNet ones (``controlnets``: SD3 / SD3.5 ControlNets, e.g. InstantX's Canny)."""
 
-    pretrained: str = "stabilityai/stable-diffusion-3.5-large"  # the base model of SD3.5's published ControlNets
+    pretrained: str = "stabilityai/stable-diffusion-3-medium-diffusers"  # the base of InstantX/SD3-Controlnet-Canny
 
 
 class ControlNetSD3Conditioning(TransformerControlNetConditioning):
