@@ -10,8 +10,8 @@ def add_parsers(sub) -> None:
     e = sub.add_parser("evaluate", help="the paper's metrics over folders of generated images: table, CSV, JSON, plot")
     e.add_argument("folders", nargs="+", help="one folder of PNGs (+ JSON sidecars) per run to compare")
     e.add_argument("--out", default="evaluation", help="where metrics.csv/.json/.png go (default: ./evaluation)")
-    e.add_argument("--metrics", help="comma-separated subset of intra_lpips,intra_style,clip,fid,kid,giqa; named "
-                   "metrics whose model is missing are errors (default: all, missing ones reported unavailable)")
+    e.add_argument("--metrics", help="comma-separated subset of intra_lpips,intra_style,clip,fid,kid,giqa,looks; "
+                   "named metrics whose model is missing are errors (default: all, missing ones reported unavailable)")
     e.add_argument("--window", type=int, help="crop size in px (default: the tiler window in the sidecars)")
     e.add_argument("--window-height", type=int)
     e.add_argument("--reference", help="folder of reference images (real or base-model) for FID/KID/GIQA")
@@ -26,6 +26,8 @@ def add_parsers(sub) -> None:
     e.add_argument("--crops-per-image", type=int, default=1, help="random crops per panorama for CLIP/FID/KID/GIQA")
     e.add_argument("--kid-subset-size", type=int, default=1000)
     e.add_argument("--kid-subsets", type=int, default=100)
+    e.add_argument("--look-threshold", type=float, default=0.8,
+                   help="looks metric: confidence below which a crop's look does not count (default 0.8)")
     e.add_argument("--seed", type=int, default=0, help="seed of the random crop positions")
     e.add_argument("--device", default="cpu")
     e.add_argument("--no-plot", action="store_true")
@@ -39,6 +41,8 @@ def add_parsers(sub) -> None:
 def _options(args):
     from .runner import EvalOptions
 
+    if not 0 < args.look_threshold <= 1:
+        raise SyncEngineError(f"--look-threshold must be in (0, 1], got {args.look_threshold}")
     if args.crops_per_image < 1:
         raise SyncEngineError(f"--crops-per-image must be >= 1, got {args.crops_per_image}")
     return EvalOptions(
@@ -56,6 +60,7 @@ def _options(args):
         kid_subset_size=args.kid_subset_size,
         kid_subsets=args.kid_subsets,
         seed=args.seed,
+        look_threshold=args.look_threshold,
         device=args.device,
     )
 

@@ -31,8 +31,16 @@ METRICS: dict[str, str] = {  # key -> the paper's name
     "fid": "FID",
     "kid": "KID",
     "giqa": "Mean-GIQA",
+    "looks": "Mixed-look rate",  # toy world only: see syncengine.evaluation.looks
 }
-LOWER_IS_BETTER = {"intra_lpips": True, "intra_style": True, "clip": False, "fid": True, "kid": True, "giqa": False}
+LOWER_IS_BETTER = {"intra_lpips": True, "intra_style": True, "clip": False, "fid": True, "kid": True, "giqa": False,
+                   "looks": True}
+EXTRA_COLUMNS = {  # values reported beside a metric: key -> (the metric it follows, its table heading)
+    "kid_std": ("kid", "KID std"),
+    "looks_low": ("looks", "mixed 95% low"),
+    "looks_high": ("looks", "mixed 95% high"),
+    "look_diversity": ("looks", "Look diversity"),
+}
 
 
 @dataclass
@@ -52,6 +60,7 @@ class EvalOptions:
     kid_subsets: int = 100
     seed: int = 0
     device: str = "cpu"
+    look_threshold: float = 0.8  # confidence below which a crop's look does not count (looks metric)
 
 
 @dataclass
@@ -65,6 +74,7 @@ class RunResult:
     per_image: dict[str, list[float]] = field(default_factory=dict)
     label: str = ""
     skipped: dict[str, str] = field(default_factory=dict)  # image file -> why it was left out (it does not decode)
+    details: dict[str, Any] = field(default_factory=dict)  # per-metric detail for the JSON (looks: each crop's look)
 
 
 class _Models:
@@ -165,6 +175,7 @@ def evaluate_run(folder: str | Path, options: EvalOptions, models: _Models) -> R
     values: dict[str, float | None] = {}
     per_image: dict[str, list[float]] = {}
     unavailable: dict[str, str] = {}
+    details: dict[str, Any] = {}
 
     def attempt(key: str, compute: Callable[[], Any]) -> None:
         try:
@@ -231,9 +242,23 @@ def evaluate_run(folder: str | Path, options: EvalOptions, models: _Models) -> R
             return sum(vals) / len(vals), vals
 
         attempt("giqa", giqa)
+    if "looks" in wanted:
+        def looks():
+            from .looks import evaluate_looks
+
+            summary = evaluate_looks(images, ww, wh, threshold=options.look_threshold)
+            if options.metrics is None and summary.unsure_crops > 0.5:  # not toy-world images: not a measurement
+                raise SyncEngineError(f"{summary.unsure_crops:.0%} of the crops show no toy-world look with "
+                                      f"confidence (not toy-world images?); --metrics looks computes it anyway")
+            values["looks_low"], values["looks_high"] = summary.interval
+            values["look_diversity"] = summary.diversity
+            details["looks"] = summary.as_dict()
+            return summary.mixed_rate, [float(p.mixed) for p in summary.per_panorama]
+
+        attempt("looks", looks)
     folder = Path(folder)
     return RunResult(folder.name, str(folder), len(samples), values, unavailable, per_image=per_image,
-                     skipped=skipped)
+                     skipped=skipped, details=details)
 
 
 def _label_runs(results: list[RunResult], specs: list[dict[str, Any]]) -> None:
@@ -272,9 +297,11 @@ def evaluate(folders: list[str | Path], options: EvalOptions | None = None,
 
 
 def columns(results: list[RunResult]) -> list[str]:
-    cols = [k for k in METRICS if any(k in r.metrics for r in results)]
-    if "kid" in cols:
-        cols.insert(cols.index("kid") + 1, "kid_std")
+    cols = []
+    for k in METRICS:
+        if any(k in r.metrics for r in results):
+            cols.append(k)
+            cols += [extra for extra, (after, _) in EXTRA_COLUMNS.items() if after == k]
     return cols
 
 
@@ -288,7 +315,7 @@ def _fmt(value: float | None) -> str:
 
 def table(results: list[RunResult]) -> str:
     cols = columns(results)
-    head = ["run", "images"] + [METRICS.get(c, "KID std") for c in cols]
+    head = ["run", "images"] + [METRICS[c] if c in METRICS else EXTRA_COLUMNS[c][1] for c in cols]
     rows = [[r.label or r.name, str(r.images)] + [_fmt(r.metrics.get(c)) for c in cols] for r in results]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
