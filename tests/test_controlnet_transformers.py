@@ -45,13 +45,14 @@ def build_sd3_controlnet(out: Path, seed: int, large: bool) -> Path:
     return out
 
 
-def build_flux_controlnet(out: Path, seed: int, xlabs: bool) -> Path:
-    """A ControlNet for the tiny FLUX transformer: InstantX-style (packed VAE latents) or, ``xlabs``, XLabs-style
-    (pixels through an input hint block, samples repeated over the transformer's blocks)."""
+def build_flux_controlnet(out: Path, seed: int, xlabs: bool = False, modes: int | None = None) -> Path:
+    """A ControlNet for the tiny FLUX transformer: InstantX-style (packed VAE latents), with ``modes`` a
+    ControlNet-Union one, or, ``xlabs``, XLabs-style (pixels through an input hint block, samples repeated over the
+    transformer's blocks)."""
     from diffusers import FluxControlNetModel
 
     torch.manual_seed(seed)
-    extra = dict(patch_size=2, conditioning_embedding_channels=16) if xlabs else {}
+    extra = dict(patch_size=2, conditioning_embedding_channels=16) if xlabs else dict(num_mode=modes)
     net = FluxControlNetModel(in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
                               num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
                               axes_dims_rope=[4, 4, 8], guidance_embeds=True, **extra)
@@ -74,7 +75,8 @@ def sd3_controlnets(tmp_path_factory) -> dict[str, Path]:
 def flux_controlnets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {"instantx": build_flux_controlnet(root / "flux-cn", 13, xlabs=False),
-            "xlabs": build_flux_controlnet(root / "flux-cn-xlabs", 14, xlabs=True)}
+            "xlabs": build_flux_controlnet(root / "flux-cn-xlabs", 14, xlabs=True),
+            "union": build_flux_controlnet(root / "flux-cn-union", 15, modes=3)}
 
 
 @pytest.fixture
@@ -144,6 +146,7 @@ def test_sd3_synced_two_windows_run(sd3_spec, sd3_controlnets, tmp_path):
     """Sync > 0 backpropagates through the ControlNet and the transformer; each view's condition is encoded once."""
     image = random_image(tmp_path / "c.png", 64, 96)
     spec = sd3_spec(canvas={"height": 64, "width": 96}, sync={"weight": 10.0}, sampler={"steps": 2})
+    spec["denoiser"]["gradient_checkpointing"] = True  # the ControlNet's too
     unit = {"model": str(sd3_controlnets["large"]), "scale": 1.0}
     resolved = resolve(_control(spec, "controlnet-sd3", unit, image))
     pipe = Pipeline(resolved)
@@ -154,6 +157,7 @@ def test_sd3_synced_two_windows_run(sd3_spec, sd3_controlnets, tmp_path):
     out = pipe.run(0)
     assert torch.isfinite(out.latents).all() and out.latents.shape == (1, 16, 8, 12)
     assert encodes == [(1, 3, 64, 64)] * 2  # two views, once each for the whole run
+    assert all(net.gradient_checkpointing for net in den.controlnets)
 
 
 def test_sd3_text_encoders_offload_after_prompts(sd3_spec, monkeypatch):
@@ -205,7 +209,7 @@ def test_sd3_offload_is_wired_into_encode_and_predict(sd3_spec, monkeypatch):
 # -------------------------------------------------------------------------------------------------------------- FLUX
 
 
-@pytest.mark.parametrize("kind, true_cfg", [("instantx", 1.0), ("instantx", 4.0), ("xlabs", 1.0)])
+@pytest.mark.parametrize("kind, true_cfg", [("instantx", 1.0), ("instantx", 4.0), ("xlabs", 1.0), ("union", 1.0)])
 def test_flux_one_window_equals_the_flux_controlnet_pipeline(flux_spec, tiny_flux, flux_controlnets, posterior_mean,
                                                              tmp_path, kind, true_cfg):
     from diffusers import FluxControlNetModel, FluxControlNetPipeline
@@ -217,7 +221,7 @@ def test_flux_one_window_equals_the_flux_controlnet_pipeline(flux_spec, tiny_flu
                      tiler={"name": "sliding", "window": 96, "window_height": 64, "stride": 32},
                      denoiser={"true_cfg_scale": true_cfg},
                      requests=[{"prompt": PROMPT, "negative_prompt": negative, "seed": seed}])
-    unit = {"model": str(flux_controlnets[kind]), "scale": 0.7}
+    unit = {"model": str(flux_controlnets[kind]), "scale": 0.7, **({"mode": 1} if kind == "union" else {})}
     resolved = resolve(_control(spec, "controlnet-flux", unit, image))
     ours = Pipeline(resolved).run(0).latents
     with warnings.catch_warnings():
@@ -227,6 +231,8 @@ def test_flux_one_window_equals_the_flux_controlnet_pipeline(flux_spec, tiny_flu
     ref.set_progress_bar_config(disable=True)
     packed = ref._pack_latents(_noise(resolved, seed), 1, 16, 8, 12)
     extra = {"negative_prompt": negative, "true_cfg_scale": true_cfg} if true_cfg > 1 else {}
+    if kind == "union":
+        extra["control_mode"] = 1
     out = ref(PROMPT, control_image=Image.open(image).convert("RGB"), height=64, width=96, num_inference_steps=3,
               guidance_scale=3.5, controlnet_conditioning_scale=0.7, latents=packed, output_type="latent",
               max_sequence_length=T5_LENGTH, **extra).images
@@ -310,12 +316,36 @@ def test_guess_mode_is_refused_at_validation(sd3_spec, flux_spec, tmp_path):
         assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("tiler", [{"name": "perspective", "window": 32, "fov": 90, "views_per_ring": 4,
+                                    "pitches": [0.0], "poles": True}, {"name": "cubemap", "window": 32}],
+                         ids=["perspective", "cubemap"])
+def test_views_without_a_crop_are_refused_at_validation(sd3_spec, tmp_path, no_network, tiler):
+    spec = sd3_spec(canvas={"height": 64, "width": 128}, merger={"name": "average", "target": "x0"})
+    spec["tiler"] = tiler
+    spec = _control(spec, "controlnet-sd3", {"model": str(tmp_path / "not-loaded")}, tmp_path / "c.png")
+    with pytest.raises(ConfigError, match="tiler.name.*have no crop") as err:
+        resolve(spec)
+    assert "\n" not in str(err.value)
+
+
 def test_a_controlnet_of_another_class_is_one_line(flux_spec, sd3_controlnets, tmp_path):
     image = random_image(tmp_path / "c.png", 64, 160)
     spec = _control(flux_spec(), "controlnet-flux", {"model": str(sd3_controlnets["instantx"])}, image)
     with pytest.raises(ConfigError, match="SD3ControlNetModel, not a FluxControlNetModel") as err:
         Pipeline(resolve(spec)).run(0)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind, mode, needle", [("union", None, "3 control modes: set mode to one of 0..2"),
+                                                ("union", 3, "3 control modes"),
+                                                ("instantx", 0, "not a ControlNet-Union model")])
+def test_union_modes_are_checked_when_the_net_loads(flux_spec, flux_controlnets, tmp_path, kind, mode, needle):
+    image = random_image(tmp_path / "c.png", 64, 160)
+    unit = {"model": str(flux_controlnets[kind]), **({"mode": mode} if mode is not None else {})}
+    resolved = resolve(_control(flux_spec(), "controlnet-flux", unit, image))
+    with pytest.raises(ConfigError, match="controlnets.0.mode") as err:
+        Pipeline(resolved).denoiser_for(resolved)
+    assert needle in str(err.value) and "\n" not in str(err.value)
 
 
 def test_presets_resolve_offline(no_network):

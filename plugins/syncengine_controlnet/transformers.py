@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
 import torch
 
 from syncengine.denoiser import NO_CONTEXT, RequestContext, Step
 from syncengine.errors import ConfigError, ModelNotFoundError, one_line
-from syncengine.views import CanvasSpec, View
+from syncengine.views import CanvasSpec, CropView, View
 from syncengine_flux.denoiser import FluxConfig, FluxDenoiser
 from syncengine_flux.packing import pack
 from syncengine_sd.loading import looks_like_path, torch_device
@@ -34,6 +34,7 @@ from .denoiser import ControlNetConditioning, ControlNetOptions, ControlNetUnit,
 from .preprocessors import build_preprocessor
 
 if TYPE_CHECKING:
+    from syncengine.config import ResolvedSpec
     from syncengine.sampler import Request
 
 SD3_EXAMPLE = "InstantX/SD3-Controlnet-Canny"
@@ -162,6 +163,18 @@ class TransformerControlNetConditioning(ControlNetConditioning):
                 net.enable_gradient_checkpointing()
             self.controlnets.append(net)
 
+    @classmethod
+    def check_run(cls, spec: ResolvedSpec, views: Sequence[View]) -> None:
+        """Before any weights load: the family's checks, and views whose condition crop is defined (crop views, or
+        views with ``extract_image``), so a 360° tiler is one line here, not an error after the model loaded."""
+        super().check_run(spec, views)
+        for view in views:
+            if not isinstance(view, CropView) and not callable(getattr(view, "extract_image", None)):
+                raise ConfigError("tiler.name", f"{spec.config.denoiser.name} conditions each view on its crop of the "
+                                                f"condition image; {type(view).__name__} views (tiler "
+                                                f"{spec.config.tiler.name}) have no crop: use a sliding or regions "
+                                                "tiler")
+
     def adopt(self, net, key: str) -> None:
         """Family-specific checks and fixes of a loaded net (SD3.5 Large's borrow the transformer's patch embedding)."""
 
@@ -270,25 +283,45 @@ class ControlNetSD3Denoiser(ControlNetSD3Conditioning, SD3Denoiser):
 
 
 @dataclass
+class FluxControlNetUnit(ControlNetUnit):
+    """A FLUX ControlNet entry; ``mode`` selects the condition type of a ControlNet-Union model."""
+
+    mode: Optional[int] = None  # ControlNet-Union models only: the control mode index (see the model's card)
+
+
+@dataclass
 class ControlNetFluxConfig(TransformerControlNetOptions, FluxConfig):
-    """FLUX's options plus the ControlNet ones (``controlnets``: FLUX ControlNets, InstantX- or XLabs-style)."""
+    """FLUX's options plus the ControlNet ones (``controlnets``: FLUX ControlNets, InstantX- or XLabs-style, or
+    ControlNet-Union models with a ``mode`` per entry)."""
+
+    controlnets: List[FluxControlNetUnit] = field(default_factory=list)  # one entry per ControlNet (docs/controlnet.md)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for i, unit in enumerate(self.controlnets):
+            if unit.mode is not None and unit.mode < 0:
+                raise ConfigError(f"denoiser.controlnets.{i}.mode", f"must be >= 0, got {unit.mode}")
 
 
 class ControlNetFluxConditioning(TransformerControlNetConditioning):
     """FLUX's ``transformer_kwargs`` plus ``controlnet_block_samples`` / ``controlnet_single_block_samples``, as
     FluxControlNetPipeline computes them: on the positive prompt, the guidance embedding if the ControlNet has one;
     InstantX-style nets read packed VAE latents, XLabs-style ones (``input_hint_block``) ``[-1, 1]`` pixels and
-    repeat their samples over the transformer's blocks. ControlNet-Union models need a control mode: refused."""
+    repeat their samples over the transformer's blocks. ControlNet-Union models read the entry's ``mode``."""
 
     controlnet_class = "FluxControlNetModel"
     example = FLUX_EXAMPLE
     fit_names = ("in_channels", "inner_dim", "joint_attention_dim", "pooled_projection_dim")
 
     def adopt(self, net, key: str) -> None:
-        if net.config.get("num_mode") is not None:
-            raise ConfigError(key, f"{self.config.controlnets[int(key.split('.')[2])].model!r} is a ControlNet-Union "
-                                   "model (it needs a control mode per image), not supported yet; use a "
-                                   f"single-condition ControlNet such as {FLUX_EXAMPLE}")
+        unit = self.config.controlnets[len(self.controlnets)]
+        modes, mode_key = net.config.get("num_mode"), key.rsplit(".", 1)[0] + ".mode"
+        if modes is None and unit.mode is not None:
+            raise ConfigError(mode_key, f"{unit.model!r} is not a ControlNet-Union model (no control modes); remove "
+                                        "mode")
+        if modes is not None and (unit.mode is None or unit.mode >= modes):
+            raise ConfigError(mode_key, f"{unit.model!r} is a ControlNet-Union model with {modes} control modes: set "
+                                        f"mode to one of 0..{modes - 1} (its model card lists them)")
         hinted = {n.input_hint_block is not None for n in self.controlnets} | {net.input_hint_block is not None}
         if len(hinted) > 1:
             raise ConfigError(key, "XLabs-style (pixel input) and InstantX-style (latent input) FLUX ControlNets "
@@ -311,12 +344,15 @@ class ControlNetFluxConditioning(TransformerControlNetConditioning):
         t = torch.as_tensor(step.timestep, device=tokens.device).expand(tokens.shape[0]).to(tokens.dtype)
         txt_ids = torch.zeros(text.shape[1], 3, device=tokens.device, dtype=text.dtype)
         for k, net, scale in self.active(step):
+            mode = self.config.controlnets[k].mode
+            if mode is not None:  # a ControlNet-Union model: one mode per row, as FluxControlNetPipeline's control_mode
+                mode = torch.full((tokens.shape[0], 1), mode, dtype=torch.long, device=tokens.device)
             repeat = net.input_hint_block is not None
             if repeat:
                 cond = self.crops(k, views, context) * 2 - 1
             else:
                 cond = pack(self.condition_latents(k, views, context))
-            b, s = net(hidden_states=tokens, controlnet_cond=cond, controlnet_mode=None, conditioning_scale=scale,
+            b, s = net(hidden_states=tokens, controlnet_cond=cond, controlnet_mode=mode, conditioning_scale=scale,
                        timestep=t / 1000, guidance=scales if net.config.guidance_embeds else None,
                        pooled_projections=pooled, encoder_hidden_states=text, txt_ids=txt_ids, img_ids=ids,
                        return_dict=False)
