@@ -104,7 +104,7 @@ def look_diversity(majorities: Sequence[str | None], looks: Sequence[str]) -> tu
     if total == 0 or len(counts) < 2:
         return counts, 0.0
     entropy = -sum(c / total * math.log(c / total) for c in counts.values() if c)
-    return counts, entropy / math.log(len(counts))
+    return counts, max(0.0, entropy / math.log(len(counts)))  # max: no "-0.0" when one look takes all
 
 
 @dataclass
