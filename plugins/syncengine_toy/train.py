@@ -50,10 +50,10 @@ class TrainConfig:
 
     seed: int = 0
     minutes: float = 25.0  # wall-time cap for both phases together
-    vae_share: float = 0.2  # the autoencoder phase stops at this share of ``minutes``
+    vae_share: float = 0.25  # the autoencoder phase stops at this share of ``minutes``
     threads: int = 1  # on a shared 2-core machine one thread ran 2x faster than two (no oversubscription)
     dataset_size: int = 2048  # world images drawn once (plus their mirror images) and reused every epoch
-    vae_steps: int = 800
+    vae_steps: int = 2000
     vae_batch: int = 16
     vae_crop: int = 32  # the autoencoder (all convolutions) trains on random crops: 4x fewer pixels per image
     vae_lr: float = 1e-3
