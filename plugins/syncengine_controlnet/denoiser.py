@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 class ControlNetUnit:
     """One ControlNet with its condition image and how strongly and when it applies."""
 
-    model: str = ""  # hub id (e.g. lllyasviel/sd-controlnet-canny), local diffusers folder, or .safetensors file
+    model: str = ""  # a ControlNet for the base model: hub id, local diffusers folder, or .safetensors file
     scale: float = 1.0  # conditioning scale of its residuals; 0 gives exactly the plain stable-diffusion result
     start: float = 0.0  # fraction of the steps after which control starts (diffusers control_guidance_start)
     end: float = 1.0  # fraction of the steps after which control stops (diffusers control_guidance_end)
@@ -61,8 +61,8 @@ class ControlNetOptions:
         if parent is not None:  # the family's own checks (e.g. the device)
             parent()
         if not self.controlnets:
-            raise ConfigError("denoiser.controlnets", "empty: give at least one, e.g. [{model: "
-                              "lllyasviel/sd-controlnet-canny, preprocessor: canny}]")
+            raise ConfigError("denoiser.controlnets", "empty: give at least one ControlNet trained for the base "
+                              "model, e.g. [{model: <hub id or folder>, preprocessor: canny}] (docs/controlnet.md)")
         if self.aspect_tolerance < 0:
             raise ConfigError("denoiser.aspect_tolerance", f"must be >= 0, got {self.aspect_tolerance}")
         for i, unit in enumerate(self.controlnets):

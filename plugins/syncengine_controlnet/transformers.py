@@ -12,25 +12,22 @@ overlapping views see the same latents where their crops agree (the pipelines' d
 """
 from __future__ import annotations
 
-import json
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
 import torch
 
 from syncengine.denoiser import NO_CONTEXT, RequestContext, Step
-from syncengine.errors import ConfigError, ModelNotFoundError, one_line
+from syncengine.errors import ConfigError
 from syncengine.views import CanvasSpec, CropView, View
 from syncengine_flux.denoiser import FluxConfig, FluxDenoiser
 from syncengine_flux.packing import pack
-from syncengine_sd.loading import looks_like_path, torch_device
-from syncengine_sd.model_files import damaged_cache_error, load_checked, load_single_file
+from syncengine_sd.loading import torch_device
 from syncengine_sd3.denoiser import SD3Config, SD3Denoiser
 
 from .conditions import condition_crop
 from .denoiser import ControlNetConditioning, ControlNetOptions, ControlNetUnit, control_scale
+from .loading import load_controlnet
 from .preprocessors import build_preprocessor
 
 if TYPE_CHECKING:
@@ -54,66 +51,6 @@ class TransformerControlNetOptions(ControlNetOptions):
 
 
 # ------------------------------------------------------------------------------------------------------- loading
-
-
-def load_transformer_controlnet(cls, unit: ControlNetUnit, key: str, dtype: torch.dtype, example: str):
-    """A diffusers ControlNet of class ``cls`` from a hub id, a local folder or a single file, with the one-line
-    errors of the UNet ControlNet loader (:mod:`.loading`). ``key`` is the spec key naming ``unit.model``."""
-    ref = unit.model
-    kwargs: dict[str, Any] = {"torch_dtype": dtype}
-    path = Path(ref).expanduser()
-    name = cls.__name__
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        if looks_like_path(ref) or path.exists():
-            if not path.exists():
-                raise ModelNotFoundError(f"ControlNet path {ref!r} ({key}) does not exist; give a diffusers {name} "
-                                         f"folder (config.json and weights), a .safetensors file, or a hub id such as "
-                                         f"{example}")
-            if path.is_file():
-                if not hasattr(cls, "from_single_file"):
-                    raise ConfigError(key, f"diffusers cannot load a {name} from a single file; give a diffusers "
-                                           f"folder or a hub id such as {example}")
-                config_key = key.rsplit(".", 1)[0] + ".single_file_config"
-                return load_single_file(
-                    lambda: cls.from_single_file(str(path), config=unit.single_file_config, **kwargs), path,
-                    f"ControlNet checkpoint {ref!r} ({key})", unit.single_file_config, config_key,
-                    f"a local diffusers {name} folder")
-            config = path / "config.json"
-            if not config.is_file():
-                raise ModelNotFoundError(f"{ref!r} ({key}) is not a diffusers ControlNet folder (no config.json); "
-                                         f"save one with controlnet.save_pretrained(folder)")
-            _check_class(config, name, ref, key)
-            return load_checked(lambda: cls.from_pretrained(str(path), **kwargs), path,
-                                f"ControlNet folder {ref!r} ({key})",
-                                "download it again, or save the folder again with controlnet.save_pretrained(folder)")
-        if unit.revision:
-            kwargs["revision"] = unit.revision
-        if unit.variant:
-            kwargs["variant"] = unit.variant
-        try:
-            return cls.from_pretrained(ref, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - a damaged cache file, a missing model, or (re-raised) a bug
-            error = damaged_cache_error(exc, ref, f"ControlNet ({key})", unit.revision)
-            if error is not None:
-                raise error from exc
-            if not isinstance(exc, OSError):
-                raise
-            raise ModelNotFoundError(
-                f"ControlNet {ref!r} ({key}) could not be loaded ({one_line(exc)}). Download it where the Hugging "
-                f"Face hub is reachable (`huggingface-cli download {ref}`) and copy the cache (HF_HOME), or set {key} "
-                f"to a local diffusers folder") from exc
-
-
-def _check_class(config: Path, name: str, ref: str, key: str) -> None:
-    """A folder of another ControlNet class (an SD 1.5 ``ControlNetModel`` given to FLUX) loads with random parts or
-    fails deep inside diffusers: say which class it is instead."""
-    try:
-        found = json.loads(config.read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        return  # load_checked names the broken file
-    if found and found != name:
-        raise ConfigError(key, f"{ref!r} is a {found}, not a {name}: use a ControlNet trained for this base model")
 
 
 def check_fits(net, transformer, names: Sequence[str], ref: str, base: str, key: str) -> None:
@@ -155,7 +92,8 @@ class TransformerControlNetConditioning(ControlNetConditioning):
         self.controlnets = []
         for i, unit in enumerate(c.controlnets):
             key = f"denoiser.controlnets.{i}.model"
-            net = load_transformer_controlnet(cls, unit, key, self.dtype, self.example)
+            net = load_controlnet(unit.model, key, self.dtype, unit.revision, unit.variant, unit.single_file_config,
+                                  model_class=cls, example=self.example)
             check_fits(net, self.transformer, self.fit_names, unit.model, c.pretrained, key)
             self.adopt(net, key)
             net.to(self.device).requires_grad_(False).eval()
