@@ -2,8 +2,9 @@
 
 Every part is a stock diffusers/transformers class (AutoencoderKL, UNet2DConditionModel, CLIPTextModel, SD's DDIM
 configuration), so the trained folder loads through the ``stable-diffusion`` denoiser like any SD checkpoint and no
-inference code knows it is a toy. The VAE has three levels (latent factor 4) rather than SD's four: at 64 px windows
-an 8x factor would leave 8x8 latents, too few for the UNet to place ridges and suns.
+inference code knows it is a toy. The VAE keeps SD's four levels (latent factor 8): the engine sizes a canvas's
+latents from the denoiser class's factor before any weights load, so a model with another factor would sample at the
+wrong size. Windows are 128 px, i.e. 16x16 latents, enough for the UNet to place ridges, trees and suns.
 """
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from pathlib import Path
 class ToyModelConfig:
     """Sizes of the toy pipeline (recorded in ``training.json``; the folder's own configs repeat them)."""
 
-    image_size: int = 64  # training window in pixels (the model's default window)
-    vae_channels: tuple[int, ...] = (16, 32, 64)  # three levels: latent factor 4; 16 at full size (cost)
+    image_size: int = 128  # training window in pixels (the model's default window)
+    vae_channels: tuple[int, ...] = (16, 32, 64, 64)  # four levels: SD's latent factor 8; 16 at full size
     latent_channels: int = 4
-    unet_channels: tuple[int, ...] = (32, 64, 128)
+    unet_channels: tuple[int, ...] = (32, 64, 112)  # keeps the folder under 20 MB in float32
     unet_layers: int = 1
     attention_head_dim: int = 8
     text_hidden: int = 64

@@ -53,7 +53,7 @@ class TrainConfig:
     vae_share: float = 0.25  # the autoencoder phase stops at this share of ``minutes``
     threads: int = 1  # on a shared 2-core machine one thread ran 2x faster than two (no oversubscription)
     dataset_size: int = 2048  # world images drawn once (plus their mirror images) and reused every epoch
-    vae_steps: int = 2000
+    vae_steps: int = 1800
     vae_batch: int = 16
     vae_crop: int = 32  # the autoencoder (all convolutions) trains on random crops: 4x fewer pixels per image
     vae_lr: float = 1e-3
@@ -72,7 +72,7 @@ class TrainConfig:
 
 def tiny_config() -> TrainConfig:
     """A seconds-long run for tests: tiny networks, a handful of images, two steps per phase."""
-    model = ToyModelConfig(image_size=16, vae_channels=(8, 8, 8), unet_channels=(8, 16, 16), attention_head_dim=4,
+    model = ToyModelConfig(image_size=32, vae_channels=(8, 8, 8, 8), unet_channels=(8, 16, 16), attention_head_dim=4,
                            text_hidden=16, text_layers=1, text_heads=2, norm_groups=4)
     return TrainConfig(dataset_size=4, vae_steps=2, vae_batch=2, vae_crop=16, unet_steps=2, unet_batch=2,
                        warmup_steps=1, log_every=1, minutes=5, model=model)
