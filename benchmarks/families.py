@@ -17,9 +17,10 @@ network's forward and backward and its VAE decoder's.
 Variants: ``base``; ``ckpt`` (``denoiser.gradient_checkpointing``); ``taesd`` (``denoiser.sync_vae``, a tiny
 AutoencoderTiny with the family's latent channels); ``ckpt+taesd``.
 
-On a CPU the models are the families' narrow random-weight test models (sizes say how the structure scales, not how
-fast the real models run); ``--full`` builds full-size random-weight models from the published configurations (for a
-GPU: no download). Results go to ``benchmarks/results/<device>-families.json``.
+The models are the families' narrow random-weight test models (sizes say how the structure scales, not how fast
+the real models run; SD 2 is the SD-2-shaped benchmark model). Full-size random-weight models built from the
+published configurations (for a GPU) are not here yet: ``FAMILIES`` maps a family to its model builder, the place to
+add them. Results go to ``benchmarks/results/<device>-families.json``.
 """
 from __future__ import annotations
 
@@ -53,32 +54,32 @@ def _saved(folder: Path, build: Callable[[Path], Any]) -> str:
     return str(folder)
 
 
-def _sd(root: Path, full: bool) -> tuple[dict[str, Any], int]:
+def _sd(root: Path) -> tuple[dict[str, Any], int]:
     from benchmarks.model import bench_model_paths
 
     pipe, _ = bench_model_paths()
     return {"name": "stable-diffusion", "pretrained": str(pipe)}, 512
 
 
-def _sdxl(root: Path, full: bool) -> tuple[dict[str, Any], int]:
+def _sdxl(root: Path) -> tuple[dict[str, Any], int]:
     from syncengine_sdxl.tiny import build_tiny_sdxl_pipeline
 
     return {"name": "stable-diffusion-xl", "pretrained": _saved(root / "sdxl", build_tiny_sdxl_pipeline)}, 256
 
 
-def _sd3(root: Path, full: bool) -> tuple[dict[str, Any], int]:
+def _sd3(root: Path) -> tuple[dict[str, Any], int]:
     from syncengine_sd3.tiny import build_tiny_sd3
 
     return {"name": "sd3", "pretrained": _saved(root / "sd3", build_tiny_sd3)}, 256
 
 
-def _flux(root: Path, full: bool) -> tuple[dict[str, Any], int]:
+def _flux(root: Path) -> tuple[dict[str, Any], int]:
     from syncengine_flux.tiny import build_tiny_flux
 
     return {"name": "flux", "pretrained": _saved(root / "flux", build_tiny_flux)}, 256
 
 
-FAMILIES: dict[str, Callable[[Path, bool], tuple[dict[str, Any], int]]] = {
+FAMILIES: dict[str, Callable[[Path], tuple[dict[str, Any], int]]] = {
     "sd2": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}
 
 
@@ -127,7 +128,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     from syncengine_losses.lpips_loss import LPIPSConfig, LPIPSLoss
 
     root = Path(job["root"])
-    section, window = FAMILIES[job["family"]](root, job["full"])
+    section, window = FAMILIES[job["family"]](root)
     window = job.get("window") or window
     options = dict(VARIANTS[job["variant"]])
     cls = registry.get("denoiser", section.pop("name"))
@@ -196,7 +197,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=None, help="window in pixels (default: per family)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loss", choices=("mse", "lpips"), default="mse")
-    parser.add_argument("--full", action="store_true", help="full-size random-weight models (GPU)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: one measurement
     args = parser.parse_args(argv)
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         flow = family in ("sd3", "flux")
         for variant in args.variants.split(","):
             job = {"family": family, "variant": variant, "device": args.device, "window": args.window,
-                   "repeats": args.repeats, "full": args.full, "loss": args.loss, "root": str(_cache_root()),
+                   "repeats": args.repeats, "loss": args.loss, "root": str(_cache_root()),
                    "scheduler": "flow_euler" if flow else "ddim", "steps": 10, "guidance": 3.5 if flow else 7.5,
                    "latent_channels": 16 if flow else 4}
             proc = subprocess.run([sys.executable, "-m", "benchmarks.families", "--job", json.dumps(job)],
