@@ -5,6 +5,7 @@ effects (writing files, see ``outputs``).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
@@ -15,9 +16,10 @@ import torch
 from .collective import Collective
 from .config import ResolvedSpec, request_spec
 from .denoiser import Denoiser
-from .errors import SyncEngineError
+from .errors import ConfigError, SyncEngineError
 from .sampler import JointSampler, Request, SamplerOptions
 from .sync import SyncSchedule
+from .views import CanvasSpec
 
 
 @dataclass
@@ -66,6 +68,20 @@ def sync_batch_size(configured: int | None, device: torch.device | str, joint_vi
     if configured is not None or joint_views:
         return configured
     return 1 if torch.device(device).type == "cpu" else None
+
+
+def loaded_canvas(canvas: CanvasSpec, denoiser: Denoiser) -> CanvasSpec:
+    """The canvas in the loaded model's latent geometry. Validation sizes it from the denoiser class (SD: 8x, 4
+    channels), before any weights load; a model whose VAE has another factor or channel count (read from its config
+    at load time) gets its own, or a one-line error when the canvas does not divide by its factor."""
+    f, channels = int(denoiser.latent_factor), int(denoiser.latent_channels)
+    if (f, channels) == (canvas.latent_factor, canvas.latent_channels):
+        return canvas
+    for key, value in (("height", canvas.height), ("width", canvas.width)):
+        if value % f:
+            raise ConfigError(f"canvas.{key}", f"{value} is not divisible by this model's latent factor {f}; use a "
+                                               f"multiple of {f}")
+    return dataclasses.replace(canvas, latent_factor=f, latent_channels=channels)
 
 
 def decode_canvas(denoiser: Denoiser, latents: torch.Tensor, periodic: bool, tiled: bool) -> torch.Tensor:
@@ -131,8 +147,10 @@ class Pipeline:
         denoiser = self.denoiser_for(spec)
         loss = self.loss_for(spec, denoiser.device)
         timings["load"] = time.perf_counter() - t0
-        canvas = spec.canvas
+        canvas = loaded_canvas(spec.canvas, denoiser)
         tiler = spec.build("tiler")
+        if canvas != spec.canvas:
+            tiler.validate(canvas)  # validation saw the class's geometry; the windows must fit the model's
         merger = spec.build("merger")
         cfg = spec.config
         context = denoiser.prepare_request(request, canvas)  # the request's conditioning, kept off the denoiser

@@ -100,3 +100,37 @@ def test_any_diffusers_scheduler_by_name(tiny_spec, name):
 def test_prediction_type_override(tiny_sd):
     den = StableDiffusionDenoiser(StableDiffusionConfig(pretrained=str(tiny_sd), prediction_type="v_prediction"))
     assert den.prediction_type == "v_prediction" and den.make_scheduler("ddim").config.prediction_type == "v_prediction"
+
+
+def _with_vae_levels(tiny_sd, folder, levels: int):
+    """The tiny SD model with a VAE of ``levels`` levels (latent factor 2 ** (levels - 1))."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    shutil.copytree(tiny_sd, folder)
+    shutil.rmtree(folder / "vae")
+    torch.manual_seed(0)
+    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+                  block_out_channels=(16,) * levels, layers_per_block=1, latent_channels=4,
+                  norm_num_groups=8).save_pretrained(folder / "vae")
+    return folder
+
+
+def test_a_model_with_another_latent_factor_gets_its_own_canvas(tiny_spec, tiny_sd, tmp_path):
+    """Validation sizes the canvas from the denoiser class (SD: 8x); a loaded model whose VAE has another factor
+    samples the canvas at its own (not at half or twice the size), and a canvas it cannot divide is one line."""
+    from syncengine.config import resolve
+    from syncengine.errors import ConfigError
+    from syncengine.pipeline import Pipeline
+
+    spec = tiny_spec(canvas={"height": 64, "width": 96}, tiler={"name": "sliding", "window": 64, "stride": 32},
+                     sampler={"steps": 2})
+    spec["denoiser"]["pretrained"] = str(_with_vae_levels(tiny_sd, tmp_path / "factor4", 3))
+    out = Pipeline(resolve(spec)).run(0)
+    assert tuple(out.latents.shape) == (1, 4, 16, 24)  # 4x, not the class's 8x
+    assert tuple(out.image.shape) == (3, 64, 96)
+    spec["denoiser"]["pretrained"] = str(_with_vae_levels(tiny_sd, tmp_path / "factor16", 5))
+    spec["canvas"]["width"] = 104  # a multiple of 8 (validation passes), not of 16
+    with pytest.raises(ConfigError, match=r"canvas.width.*104 is not divisible by this model's latent factor 16"):
+        Pipeline(resolve(spec)).run(0)
