@@ -53,9 +53,9 @@ class TrainConfig:
     vae_share: float = 0.25  # the autoencoder phase stops at this share of ``minutes``
     threads: int = 1  # on a shared 2-core machine one thread ran 2x faster than two (no oversubscription)
     dataset_size: int = 2048  # world images drawn once (plus their mirror images) and reused every epoch
-    vae_steps: int = 1800
-    vae_batch: int = 16
-    vae_crop: int = 32  # the autoencoder (all convolutions) trains on random crops: 4x fewer pixels per image
+    vae_steps: int = 1400
+    vae_batch: int = 8
+    vae_crop: int = 64  # the autoencoder (all convolutions) trains on random crops: 4x fewer pixels per image
     vae_lr: float = 1e-3
     kl_weight: float = 1e-3  # per latent element, against per-pixel L1 + L2: keeps the latents smooth and bounded
     unet_steps: int = 2400
