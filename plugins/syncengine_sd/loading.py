@@ -20,6 +20,7 @@ from .model_files import damaged_cache_error, load_checked, load_single_file
 log = logging.getLogger(__name__)
 
 TINY_MODEL = "syncengine:tiny-random"  # the offline demo model: random weights, for smoke runs only
+TOY_MODEL = "syncengine:toy"  # the small model trained on the toy world, shipped in syncengine_toy/weights/toy-v1
 
 
 def torch_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -103,6 +104,10 @@ def _load_pipeline(pipeline_cls, ref: str, dtype: torch.dtype, **kwargs: Any):
     if ref == TINY_MODEL:
         kwargs.pop("single_file_config", None)
         return _load_tiny(pipeline_cls, common, kwargs)
+    if ref == TOY_MODEL:
+        kwargs.pop("single_file_config", None)
+        return _load_folder(pipeline_cls, toy_model_path(), f"the shipped toy model {TOY_MODEL!r}", TOY_FIX, common,
+                            kwargs)
     path = Path(ref).expanduser()
     if looks_like_path(ref) or path.exists():
         if not path.exists():
@@ -142,6 +147,24 @@ FOLDER_FIX = "download the model again, or save the folder again with pipeline.s
 def _load_folder(pipeline_cls, path: Path, what: str, fix: str, common: dict, kwargs: dict):
     return load_checked(lambda: pipeline_cls.from_pretrained(str(path), **common, **kwargs), path, what, fix,
                         pipeline_cls)
+
+
+TOY_FIX = "reinstall syncengine, or retrain the folder with `python -m syncengine_toy.train --out <that folder>`"
+
+
+def toy_model_path() -> Path:
+    """The shipped toy model's folder inside the installed ``syncengine_toy`` package; a one-line error when the
+    package or its weights are not there (a checkout without them, an install that left them out)."""
+    from importlib.resources import files
+
+    try:
+        folder = Path(str(files("syncengine_toy") / "weights" / "toy-v1"))
+    except ModuleNotFoundError:
+        raise ModelNotFoundError(f"{TOY_MODEL}: the syncengine_toy package is not installed; {TOY_FIX}") from None
+    if not (folder / "model_index.json").is_file():
+        raise ModelNotFoundError(f"{TOY_MODEL}: the shipped model folder {str(folder)!r} is missing or has no "
+                                 f"model_index.json; {TOY_FIX}")
+    return folder
 
 
 def _load_tiny(pipeline_cls, common: dict, kwargs: dict):
