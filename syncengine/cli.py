@@ -1,4 +1,4 @@
-"""``syncengine`` command line: generate, config, plugins. Bad input: one line on stderr, exit status 2. A run
+"""``syncengine`` command line: generate, config, plugins, gallery. Bad input: one line on stderr, exit status 2. A run
 stopped by SIGINT/SIGTERM keeps its finished images, lists them and exits 130/143 (128 + the signal number)."""
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*")
     c.add_argument("--prompts")
     sub.add_parser("plugins", help="list registered plugins by kind, with the package that provides each")
+    gal = sub.add_parser("gallery", help="build a static page (opens from disk) of output folders: sweeps side by "
+                                         "side, loop strips, 360° viewer")
+    gal.add_argument("folders", nargs="+", help="output folders (searched recursively), evaluation folders too")
+    gal.add_argument("--out", default="gallery", help="where index.html goes (default: ./gallery)")
     from .evaluation.cli import add_parsers as _evaluation_parsers
 
     _evaluation_parsers(sub)  # evaluate, sweep
@@ -38,6 +42,16 @@ def _plugins() -> int:
             print(f"{kind}:")
         mark = "*" if row.registered else " "  # added by registry.register in this process, not installed
         print(f" {mark}{row.name:<20} {row.target:<50} ({row.distribution})")
+    return 0
+
+
+def _gallery(args) -> int:
+    from .gallery import build_gallery
+
+    result = build_gallery(args.folders, args.out)
+    for line in result.skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    print(f"{result.images} images in {result.groups} groups: open file://{result.page.resolve()}")
     return 0
 
 
@@ -59,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "plugins":
             return _plugins()
+        if args.command == "gallery":
+            return _gallery(args)
         if args.command in ("evaluate", "sweep"):
             from .evaluation import cli as evaluation_cli
 

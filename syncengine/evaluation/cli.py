@@ -74,6 +74,8 @@ def evaluate_command(args) -> int:
     print(table(results))
     for path in write_reports(results, args.out, options, plot=not args.no_plot):
         print(f"wrote {path}", file=sys.stderr)
+    print(f"look at them: syncengine gallery {' '.join(map(str, args.folders))} {args.out} --out {args.out}/gallery",
+          file=sys.stderr)
     return 0
 
 
@@ -93,4 +95,5 @@ def sweep_command(args) -> int:
         failed += len(r.failed)
     folders = " ".join(str(r.output_dir) for r in runs)
     print(f"compare them: syncengine evaluate {folders}", file=sys.stderr)
+    print(f"look at them: syncengine gallery {folders} --out {runs[0].output_dir.parent}/gallery", file=sys.stderr)
     return 2 if failed else 0
