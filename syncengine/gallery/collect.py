@@ -122,6 +122,7 @@ def collect(folders: list[str | Path], exclude: Path | None = None) -> Collectio
             continue
         found = 0
         pngs = 0
+        reported = len(out.skipped)
         for root, dirs, files in os.walk(folder):
             dirs[:] = sorted(d for d in dirs if not d.startswith(".")
                              and (exclude is None or (Path(root) / d).resolve() != exclude))
@@ -138,7 +139,7 @@ def collect(folders: list[str | Path], exclude: Path | None = None) -> Collectio
                         found += 1
                 elif name.endswith(".png"):
                     pngs += 1
-        if not found:
+        if not found and len(out.skipped) == reported:  # one line per problem: a bad sidecar already said why
             why = f"{pngs} PNG(s) but no sidecars" if pngs else "no outputs"
             out.skipped.append(f"{folder}: {why}, nothing to show")
     for entry in out.entries:
