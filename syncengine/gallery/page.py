@@ -72,7 +72,7 @@ def _card(e: Entry, diffs: list[str], out: Path) -> str:
                 f'<a class="open" href="{esc(full)}">equirectangular image</a>')
     elif e.kind == "loop":
         img = f'<img src="{esc(thumb)}" alt="{name}" draggable="false">'
-        view = (f'<div class="loop" title="loop panorama: scroll or drag, it wraps around">'
+        view = (f'<div class="loop-strip" title="loop panorama: scroll or drag, it wraps around">'
                 f'<div class="loop-track">{img * 3}</div></div>')
     else:
         view = f'<a href="{esc(full)}"><img class="thumb" src="{esc(thumb)}" alt="{name}" loading="lazy"></a>'

@@ -40,7 +40,7 @@
     document.head.appendChild(script);
   }
 
-  document.querySelectorAll('.loop').forEach(setupLoop);
+  document.querySelectorAll('.loop-strip').forEach(setupLoop);
   var panos = document.querySelectorAll('.pano');
   if ('IntersectionObserver' in window) {
     var seen = new IntersectionObserver(function (items) {
