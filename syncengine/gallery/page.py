@@ -44,11 +44,11 @@ def differing(entries: list[Entry]) -> list[str]:
 
 
 def group(entries: list[Entry]) -> list[list[Entry]]:
-    """Entries with the same prompt and seed, in first-seen order."""
+    """Entries with the same prompt and seed; groups of several (sweeps: the comparisons) first, then first-seen."""
     groups: dict[tuple[str, str], list[Entry]] = {}
     for e in entries:
         groups.setdefault((e.prompt, repr(e.seed)), []).append(e)
-    return list(groups.values())
+    return sorted(groups.values(), key=lambda members: len(members) == 1)
 
 
 def _rel(path: Path, out: Path) -> str:
