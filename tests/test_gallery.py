@@ -73,6 +73,19 @@ def test_bad_input_builds_and_says_what_it_skipped(tmp_path, capsys):
     assert "4 skipped" in page and page.count('<figure class="card') == 1
 
 
+def test_odd_sidecar_shapes_and_region_layout(tmp_path):
+    write_output(tmp_path / "in", "odd", spec())
+    odd = json.loads((tmp_path / "in" / "odd.json").read_text())
+    (tmp_path / "in" / "odd.json").write_text(json.dumps({**odd, "spec": "x", "request": [1]}))
+    write_output(tmp_path / "in", "regions", spec(tiler__layout="layouts/balloons.png"))  # found among the presets
+    (tmp_path / "in" / "notes.json").write_text("[1, 2]")
+    result = build_gallery([tmp_path / "in"], tmp_path / "page")
+    assert len(result.skipped) == 2 and "odd.json: sidecar from another version" in result.skipped[1]
+    assert "notes.json: not a sidecar" in result.skipped[0]
+    page = result.page.read_text()
+    assert page.count('<figure class="card') == 1 and "<span>layout</span>" in page
+
+
 def test_out_is_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "f").write_text("")
     assert main(["gallery", str(tmp_path), "--out", str(tmp_path / "f")]) == 2

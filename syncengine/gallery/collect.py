@@ -90,6 +90,8 @@ def _read_sidecar(path: Path, collection: Collection) -> Entry | None:
         collection.skipped.append(f"{path}: not a sidecar (a JSON {type(data).__name__})")
         return None
     missing = [k for k in SIDECAR_KEYS if k not in data]
+    missing += [k for k, kind in (("image", str), ("spec", dict), ("request", dict))
+                if k in data and not isinstance(data[k], kind)]  # present with another shape: as good as absent
     if missing:
         version = (data.get("versions") or {}).get("syncengine", "unknown") if isinstance(data.get("versions"),
                                                                                           dict) else "unknown"
