@@ -101,7 +101,8 @@ def test_offline_presets_build_a_page(tmp_path, capsys):
     assert main(["sweep", "demo", "sync.weight=0,1", *tiny, "canvas.height=64", "canvas.width=192",
                  "tiler.window=64", "tiler.stride=64", f"runtime.output_dir={out / 'sweep'}"]) == 0
     err = capsys.readouterr().err
-    assert f"syncengine gallery {out / 'sweep' / 'sync.weight=0'} {out / 'sweep' / 'sync.weight=1'}" in err
+    sweep = out / "sweep"
+    assert f"syncengine gallery {sweep / 'sync.weight=0'} {sweep / 'sync.weight=1'} --out {sweep / 'gallery'}" in err
     assert main(["gallery", str(out), "--out", str(tmp_path / "page")]) == 0
     captured = capsys.readouterr()
     assert "3 images in 2 groups" in captured.out and captured.err == ""

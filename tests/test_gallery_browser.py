@@ -145,6 +145,42 @@ def test_loop_strip_wraps(page):
     assert abs(scroll_to(0.25 * width) - 1.25 * width) <= 2  # past the left end: forward by one copy
 
 
+def test_offline_presets_page_opens_with_a_working_viewer(browser, tmp_path_factory):
+    """The issue's 'done when': real outputs of the offline presets (demo as a sweep, regions-demo, spherical-demo;
+    shrunk, one step) through ``syncengine gallery``, opened: no console errors, images decoded, the viewer turns."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    from syncengine.cli import main
+
+    out = tmp_path_factory.mktemp("presets") / "outputs"
+    tiny = ["sampler.steps=1", "runtime.progress=false", "sync.weight=0", "canvas.height=64", "canvas.width=192",
+            "tiler.window=64", "tiler.stride=64"]
+    assert main(["generate", "spherical-demo", "sampler.steps=1", "runtime.progress=false",
+                 f"runtime.output_dir={out / 'spherical'}"]) == 0
+    assert main(["generate", "regions-demo", *tiny, "tiler.feather=4", f"runtime.output_dir={out / 'regions'}"]) == 0
+    assert main(["sweep", "demo", "sampler.guidance_scale=5,7.5", *tiny, f"runtime.output_dir={out / 'sweep'}"]) == 0
+    page_dir = out.parent / "gallery"
+    assert main(["gallery", str(out), "--out", str(page_dir)]) == 0
+    browser.get_log("browser")  # drop the earlier page's entries
+    browser.get((page_dir / "index.html").resolve().as_uri())
+    wait_for(lambda: browser.execute_script("return document.readyState") == "complete", what="the page")
+    assert len(browser.find_elements("css selector", "section.sweep figure.card")) == 2
+    assert "<span>layout</span>" in browser.page_source
+    for img in browser.find_elements("css selector", "img"):
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", img)
+        wait_for(lambda img=img: browser.execute_script("return arguments[0].complete", img), what="an image")
+    assert all(browser.execute_script("return Array.from(document.images).map(i => i.naturalWidth)"))
+    pano = browser.find_element("css selector", ".pano")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", pano)
+    wait_for(lambda: viewer_ready(browser), what="the 360° viewer")
+    yaw = browser.execute_script("return Object.values(window.seViewers)[0].getYaw()")
+    canvas = pano.find_element("css selector", "canvas")
+    ActionChains(browser).move_to_element(canvas).click_and_hold().move_by_offset(150, 0).release().perform()
+    wait_for(lambda: abs(browser.execute_script("return Object.values(window.seViewers)[0].getYaw()") - yaw) > 10,
+             what="the yaw to change after a drag")
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
 def test_screenshot_for_the_docs(page):
     target = os.environ.get("SYNCENGINE_GALLERY_SCREENSHOT")
     if not target:
