@@ -104,9 +104,22 @@ def test_prompts_file(spec_file, tmp_path):
     assert main(["generate", str(path), "--prompts", str(prompts)]) == 2
 
 
-def test_offline_demo_runs_and_is_labelled_random(tmp_path, monkeypatch, capsys):
+def test_offline_demo_runs_on_the_shipped_toy_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SYNCENGINE_CACHE", str(tmp_path / "cache"))
     code = main(["generate", "demo", "sampler.steps=1", "canvas.width=384", f"runtime.output_dir={tmp_path / 'demo'}"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "RANDOM weights" not in captured.err  # a trained model: the tiny model's notice does not apply
+    assert not (tmp_path / "cache" / "tiny-random-sd-v1").exists()  # nothing built: the weights ship
+    meta = json.load(open(tmp_path / "demo" / "demo.json"))
+    assert meta["spec"]["denoiser"]["pretrained"] == "syncengine:toy" and "warning" not in meta["model"]
+
+
+def test_tiny_random_model_is_labelled_random(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SYNCENGINE_CACHE", str(tmp_path / "cache"))
+    code = main(["generate", "demo", "denoiser.pretrained=syncengine:tiny-random", "sampler.steps=1",
+                 "canvas.width=384", "tiler.window=256", "tiler.stride=128", "canvas.height=256",
+                 f"runtime.output_dir={tmp_path / 'demo'}"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "RANDOM weights" in captured.err
