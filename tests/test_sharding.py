@@ -44,7 +44,9 @@ SCRIPT = Path(__file__).resolve()
 # - onesided: fails on rank 1 only, before sampling (as if its input file were missing on that node);
 # - sphere, sphere-x0: a 360-degree perspective ring with sync on (8 + 2 projected views of 32 px on a 64x128
 #   equirectangular canvas, 2 steps; per-request overrides switch the tiler), merging x_t, then merging x0.
-BASE = ["canvas.height=64", "canvas.width=160", "tiler.window=64", "tiler.stride=32", "sampler.steps=4",
+# The demo preset on the tiny random model: these tests are about sharding, sized for its cost and kernels.
+BASE = ["denoiser.pretrained=syncengine:tiny-random", "canvas.height=64", "canvas.width=160", "tiler.window=64",
+        "tiler.stride=32", "sampler.steps=4",
         "sampler.view_batch_size=2", "sync.weight=20", "sync.every=2", "runtime.progress=false"]
 SPHERICAL = {"canvas.width": 128, "tiler.name": "perspective", "tiler.window": 32, "tiler.fov": 90,
              "tiler.views_per_ring": 8, "tiler.pitches": [0.0], "tiler.poles": True, "sync.weight": 5,
@@ -255,7 +257,8 @@ def test_requests_shard_writes_each_of_three_requests_once(cache, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(f'{{"prompt": "scene {i}", "seed": {i}, "name": "r{i}"}}\n' for i in range(3)))
     out = tmp_path / "out"
-    run = cli(cache, "configs/demo.yaml", "--prompts", str(prompts), "canvas.height=64", "canvas.width=128",
+    run = cli(cache, "configs/demo.yaml", "--prompts", str(prompts), "denoiser.pretrained=syncengine:tiny-random",
+              "canvas.height=64", "canvas.width=128",
               "tiler.window=64", "tiler.stride=32", "sampler.steps=1", "runtime.devices=2", "runtime.shard=requests",
               f"runtime.output_dir={out}")
     assert run.returncode == 0, run.stderr[-3000:]
