@@ -23,6 +23,7 @@ from syncengine.views import View
 from syncengine_sd.loading import TINY_MODEL, check_device, check_tokenizer, load_pipeline, torch_device, torch_dtype
 from syncengine_sd.model_files import load_single_file
 from syncengine_sd.sync_decoding import SyncDecoding, check_sync_decode_scale
+from syncengine_sd.text_encoders import TextEncoderOffload
 
 from .packing import image_ids, pack, unpack, window_sequence_length
 
@@ -104,7 +105,7 @@ def single_file_family(path: Path) -> str:
     return DEV if any(k.startswith(("guidance_in.", "time_text_embed.guidance_embedder.")) for k in keys) else SCHNELL
 
 
-class FluxDenoiser(SyncDecoding, Denoiser):
+class FluxDenoiser(SyncDecoding, TextEncoderOffload, Denoiser):
     """FLUX.1 transformer + CLIP and T5 text encoders + a 16-channel VAE with shift and scale."""
 
     Config = FluxConfig
@@ -240,19 +241,8 @@ class FluxDenoiser(SyncDecoding, Denoiser):
                                                   max_sequence_length=self.max_sequence_length)
         return text, pooled
 
-    def text_encoders_to(self, device: torch.device) -> None:
-        """Where ``text_encoders_to_cpu`` keeps CLIP and T5: on the model's device while prompts are encoded, on the
-        CPU from a request's first prediction on (its prompts are all encoded by then)."""
-        if not self.config.text_encoders_to_cpu:
-            return
-        offload = torch.device(device).type == "cpu"
-        if offload == self.text_encoders_offloaded:
-            return
-        for module in (self.pipe.text_encoder, self.pipe.text_encoder_2):
-            module.to(device)
-        self.text_encoders_offloaded = offload
-        if offload and self.device.type == "cuda":
-            torch.cuda.empty_cache()
+    def text_encoder_modules(self):
+        return (self.pipe.text_encoder, self.pipe.text_encoder_2)  # CLIP, T5
 
     def transformer_kwargs(
         self,

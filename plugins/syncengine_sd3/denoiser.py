@@ -28,6 +28,7 @@ from syncengine_sd.loading import (
     torch_dtype,
 )
 from syncengine_sd.sync_decoding import SyncDecoding, check_sync_decode_scale
+from syncengine_sd.text_encoders import TextEncoderOffload
 
 if TYPE_CHECKING:
     from syncengine.config import ResolvedSpec
@@ -79,7 +80,7 @@ def sd3_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch_dtype(name, device)
 
 
-class SD3Denoiser(SyncDecoding, Denoiser):
+class SD3Denoiser(SyncDecoding, TextEncoderOffload, Denoiser):
     """SD3 / SD3.5 MMDiT + three text encoders + 16-channel VAE, from any source diffusers can load."""
 
     Config = SD3Config
@@ -220,22 +221,8 @@ class SD3Denoiser(SyncDecoding, Denoiser):
         )
         return SD3PromptEmbedding(negative=negative, positive=positive, negative_pooled=negative_pooled, pooled=pooled)
 
-    def text_encoders_to(self, device: torch.device) -> None:
-        """Where ``text_encoders_to_cpu`` keeps CLIP-L, CLIP-G and T5 (about 10 GB in 16 bit): on the model's device
-        while prompts are encoded, on the CPU from a request's first prediction on (its prompts are encoded by then),
-        so the sync backward has that memory."""
-        if not self.config.text_encoders_to_cpu:
-            return
-        offload = torch.device(device).type == "cpu"
-        if offload == self.text_encoders_offloaded:
-            return
-        p = self.pipe
-        for module in (p.text_encoder, p.text_encoder_2, p.text_encoder_3):
-            if module is not None:  # T5 is absent with t5: false
-                module.to(device)
-        self.text_encoders_offloaded = offload
-        if offload and self.device.type == "cuda":
-            torch.cuda.empty_cache()
+    def text_encoder_modules(self):
+        return (self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3)  # CLIP-L, CLIP-G, T5
 
     def transformer_kwargs(
         self,
