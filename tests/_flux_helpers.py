@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from _specs import spec_maker
 
 T5_LENGTH = 32  # the tests' T5 sequence: FLUX's 512 only makes the tiny runs slower
 
@@ -27,23 +28,5 @@ def tiny_flux_schnell(tmp_path_factory) -> Path:
 @pytest.fixture
 def flux_spec(tiny_flux, tmp_path):
     """A small, fast spec dict on the tiny FLUX (tests override what they need)."""
-
-    def make(**sections):
-        spec = {
-            "canvas": {"height": 64, "width": 160},
-            "tiler": {"name": "sliding", "window": 64, "stride": 32},
-            "merger": {"name": "average"},
-            "denoiser": {"name": "flux", "pretrained": str(tiny_flux), "max_sequence_length": T5_LENGTH},
-            "sync": {"loss": {"name": "lpips", "net": "alex", "backbone": "random"}, "weight": 0.0},
-            "sampler": {"scheduler": "flow_euler", "steps": 3, "guidance_scale": 3.5, "view_batch_size": 2},
-            "requests": [{"prompt": "a photo of a mountain", "seed": 0, "name": "img"}],
-            "runtime": {"accelerator": "cpu", "devices": 1, "output_dir": str(tmp_path / "out"), "progress": False},
-        }
-        for key, value in sections.items():
-            if isinstance(value, dict) and isinstance(spec.get(key), dict):
-                spec[key] = {**spec[key], **value}
-            else:
-                spec[key] = value
-        return spec
-
-    return make
+    return spec_maker({"name": "flux", "pretrained": str(tiny_flux), "max_sequence_length": T5_LENGTH},
+                      {"scheduler": "flow_euler", "guidance_scale": 3.5}, tmp_path)

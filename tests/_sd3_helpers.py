@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _specs import spec_maker
 
 SEQ = 8  # T5 tokens: the tests need the path, not the length
 
@@ -35,26 +36,8 @@ def tiny_sd3_dynamic(tiny_sd3, tmp_path_factory) -> Path:
 @pytest.fixture
 def sd3_spec(tiny_sd3, tmp_path):
     """A small, fast spec dict on the tiny SD3 (tests override what they need, section by section)."""
-
-    def make(**sections):
-        spec = {
-            "canvas": {"height": 64, "width": 160},
-            "tiler": {"name": "sliding", "window": 64, "stride": 32},
-            "merger": {"name": "average"},
-            "denoiser": {"name": "sd3", "pretrained": str(tiny_sd3), "max_sequence_length": SEQ},
-            "sync": {"loss": {"name": "lpips", "net": "alex", "backbone": "random"}, "weight": 0.0},
-            "sampler": {"scheduler": "flow_euler", "steps": 3, "guidance_scale": 5.0, "view_batch_size": 2},
-            "requests": [{"prompt": "a photo of a mountain", "seed": 0, "name": "img"}],
-            "runtime": {"accelerator": "cpu", "devices": 1, "output_dir": str(tmp_path / "out"), "progress": False},
-        }
-        for key, value in sections.items():
-            if isinstance(value, dict) and isinstance(spec.get(key), dict):
-                spec[key] = {**spec[key], **value}
-            else:
-                spec[key] = value
-        return spec
-
-    return make
+    return spec_maker({"name": "sd3", "pretrained": str(tiny_sd3), "max_sequence_length": SEQ},
+                      {"scheduler": "flow_euler", "guidance_scale": 5.0}, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------- single-file checkpoints

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _specs import spec_maker
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -64,23 +65,5 @@ def no_network(monkeypatch):
 @pytest.fixture
 def tiny_spec(tiny_sd, tmp_path):
     """A small, fast spec dict on the tiny model (tests override what they need)."""
-
-    def make(**sections):
-        spec = {
-            "canvas": {"height": 64, "width": 160},
-            "tiler": {"name": "sliding", "window": 64, "stride": 32},
-            "merger": {"name": "average"},
-            "denoiser": {"name": "stable-diffusion", "pretrained": str(tiny_sd)},
-            "sync": {"loss": {"name": "lpips", "net": "alex", "backbone": "random"}, "weight": 0.0},
-            "sampler": {"scheduler": "ddim", "steps": 3, "guidance_scale": 7.5, "view_batch_size": 2},
-            "requests": [{"prompt": "a photo of a mountain", "seed": 0, "name": "img"}],
-            "runtime": {"accelerator": "cpu", "devices": 1, "output_dir": str(tmp_path / "out"), "progress": False},
-        }
-        for key, value in sections.items():
-            if isinstance(value, dict) and isinstance(spec.get(key), dict):
-                spec[key] = {**spec[key], **value}
-            else:
-                spec[key] = value
-        return spec
-
-    return make
+    return spec_maker({"name": "stable-diffusion", "pretrained": str(tiny_sd)},
+                      {"scheduler": "ddim", "guidance_scale": 7.5}, tmp_path)
