@@ -20,7 +20,15 @@ from syncengine.denoiser import NO_CONTEXT, Conditioning, Denoiser, RequestConte
 from syncengine.errors import ConfigError, ModelNotFoundError, one_line
 from syncengine.schedulers import check_flow_scheduler, make_scheduler
 from syncengine.views import View
-from syncengine_sd.loading import TINY_MODEL, check_device, check_tokenizer, load_pipeline, torch_device, torch_dtype
+from syncengine_sd.loading import (
+    TINY_MODEL,
+    check_device,
+    check_tokenizer,
+    hub_kwargs,
+    load_pipeline,
+    torch_device,
+    torch_dtype,
+)
 from syncengine_sd.model_files import load_single_file
 from syncengine_sd.sync_decoding import SyncDecoding, check_sync_decode_scale
 from syncengine_sd.text_encoders import TextEncoderOffload
@@ -144,11 +152,7 @@ class FluxDenoiser(SyncDecoding, TextEncoderOffload, Denoiser):
         from diffusers import FluxPipeline
 
         c = self.config
-        kwargs: dict[str, Any] = {}
-        if c.revision:
-            kwargs["revision"] = c.revision
-        if c.variant:
-            kwargs["variant"] = c.variant
+        kwargs: dict[str, Any] = hub_kwargs(c)
         if c.pretrained == TINY_MODEL:  # the offline smoke model: random weights
             from .tiny import TINY_NOTICE, tiny_flux_path
 

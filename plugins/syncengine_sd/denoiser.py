@@ -11,7 +11,7 @@ from syncengine.denoiser import NO_CONTEXT, Conditioning, Denoiser, PromptEmbedd
 from syncengine.schedulers import check_diffusion_scheduler, make_scheduler
 from syncengine.views import View
 
-from .loading import TINY_MODEL, check_device, check_tokenizer, load_pipeline, torch_device, torch_dtype
+from .loading import TINY_MODEL, check_device, check_tokenizer, hub_kwargs, load_pipeline, torch_device, torch_dtype
 from .sync_decoding import SyncDecoding, check_sync_decode_scale
 
 if TYPE_CHECKING:
@@ -80,11 +80,7 @@ class StableDiffusionDenoiser(SyncDecoding, Denoiser):
 
     def _load_pipeline(self):
         c = self.config
-        kwargs: dict[str, Any] = {}
-        if c.revision:
-            kwargs["revision"] = c.revision
-        if c.variant:
-            kwargs["variant"] = c.variant
+        kwargs: dict[str, Any] = hub_kwargs(c)
         if c.single_file_config:
             kwargs["single_file_config"] = c.single_file_config
         return load_pipeline(self._pipeline_class(), c.pretrained, self.dtype, **kwargs)

@@ -87,6 +87,11 @@ def _not_found(ref: str, what: str, cause: BaseException | None = None) -> Model
     )
 
 
+def hub_kwargs(config: Any) -> dict[str, Any]:
+    """The ``revision`` and ``variant`` a denoiser config sets, as ``from_pretrained`` keyword arguments."""
+    return {key: getattr(config, key) for key in ("revision", "variant") if getattr(config, key, None)}
+
+
 def load_pipeline(pipeline_cls, ref: str, dtype: torch.dtype, **kwargs: Any):
     """``pipeline_cls.from_pretrained`` / ``from_single_file`` with clear errors for missing models."""
     import warnings

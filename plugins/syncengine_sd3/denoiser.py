@@ -23,6 +23,7 @@ from syncengine_sd.loading import (
     _not_found,
     check_device,
     check_tokenizer,
+    hub_kwargs,
     load_pipeline,
     torch_device,
     torch_dtype,
@@ -118,11 +119,7 @@ class SD3Denoiser(SyncDecoding, TextEncoderOffload, Denoiser):
         from diffusers import StableDiffusion3Pipeline
 
         c = self.config
-        kwargs: dict[str, Any] = {}
-        if c.revision:
-            kwargs["revision"] = c.revision
-        if c.variant:
-            kwargs["variant"] = c.variant
+        kwargs: dict[str, Any] = hub_kwargs(c)
         if c.single_file_config:
             kwargs["single_file_config"] = c.single_file_config
         if not c.t5:  # as diffusers documents: the pipeline then feeds zeros where T5's tokens go
