@@ -1,7 +1,10 @@
 """Scheduler names: short aliases for common diffusers schedulers, or any diffusers scheduler class by name.
 
 The sampler steps once on the canvas (see ``docs/architecture.md``), so any diffusers scheduler works, multistep ones
-keeping their history on the canvas.
+keeping their history on the canvas. Stochastic ones (``euler_a``, ``ddpm``, ``dpm++_sde``, the few-step ``lcm`` and
+``tcd``) draw their step noise once, on the canvas, from a CPU generator seeded by the request's seed + 1: the same
+noise whatever the view batches or the window shards. ``lcm``/``tcd`` step distilled models (LCM, TCD LoRAs or UNets)
+in 2-8 steps, at most their ``original_inference_steps`` (:func:`check_few_step_count`).
 """
 from __future__ import annotations
 
@@ -20,8 +23,13 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm++": ("DPMSolverMultistepScheduler", {}),
     "dpm++_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),  # latent consistency models (few steps)
+    "tcd": ("TCDScheduler", {}),  # trajectory consistency distillation (few steps; stochastic, gamma 0.3)
     "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),  # rectified-flow models (SD3, FLUX)
 }
+
+FEW_STEP_SCHEDULERS = ("LCMScheduler", "TCDScheduler")
+"""Consistency schedulers: their timesteps are a subset of the distillation's ``original_inference_steps`` grid."""
 
 
 def _diffusers_class(name: str):
@@ -102,3 +110,15 @@ def check_flow_scheduler(name: str, options: dict[str, Any], family: str) -> Non
     if not is_flow_scheduler_name(name, options):
         raise ConfigError("sampler.scheduler", f"{family} is a rectified-flow model; {name!r} is a diffusion "
                                                "scheduler: use flow_euler (FlowMatchEulerDiscreteScheduler)")
+
+
+def check_few_step_count(scheduler, steps: int) -> None:
+    """A consistency scheduler picks its timesteps from the distillation's grid of ``original_inference_steps``;
+    more steps than that fail deep inside diffusers. Say so in one line, once the model's scheduler is known."""
+    if type(scheduler).__name__ not in FEW_STEP_SCHEDULERS:
+        return
+    limit = int(scheduler.config.get("original_inference_steps") or 50)
+    if steps > limit:
+        raise ConfigError("sampler.steps", f"{type(scheduler).__name__} takes at most original_inference_steps="
+                                           f"{limit} steps (its distillation grid), got {steps}: use 2-8 steps, or "
+                                           "raise sampler.scheduler_options.original_inference_steps")

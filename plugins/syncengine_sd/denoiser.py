@@ -1,4 +1,10 @@
-"""The ``stable-diffusion`` denoiser: SD 1.x/2.x through diffusers, classifier-free guidance inside."""
+"""The ``stable-diffusion`` denoiser: SD 1.x/2.x through diffusers, classifier-free guidance inside.
+
+LCM-distilled UNets (``unet.config.time_cond_proj_dim`` set: LCM_Dreamshaper_v7, lcm-sdxl) were distilled from
+guided sampling: they take the guidance scale as an embedding (``timestep_cond``) and run the prompt's branch only,
+as diffusers' pipelines do. The embedding enters through :meth:`StableDiffusionDenoiser.unet_kwargs`, so conditioning
+hooks (ControlNet) compose with it unchanged.
+"""
 from __future__ import annotations
 
 import logging
@@ -8,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
 import torch
 
 from syncengine.denoiser import NO_CONTEXT, Conditioning, Denoiser, PromptEmbedding, RequestContext, Step
-from syncengine.schedulers import check_diffusion_scheduler, make_scheduler
+from syncengine.schedulers import check_diffusion_scheduler, check_few_step_count, make_scheduler
 from syncengine.views import View
 
 from .loading import TINY_MODEL, check_device, check_tokenizer, hub_kwargs, load_pipeline, torch_device, torch_dtype
@@ -18,6 +24,8 @@ if TYPE_CHECKING:
     from syncengine.config import ResolvedSpec
 
 log = logging.getLogger(__name__)
+
+GUIDANCE = "sd.guidance"  # the per-call context part of a guidance-embedding UNet: each row's guidance scale (CPU)
 
 
 @dataclass
@@ -69,6 +77,7 @@ class StableDiffusionDenoiser(SyncDecoding, Denoiser):
         self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
         self.latent_channels = self.unet.config.in_channels
         self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.guidance_embedding = self.unet.config.get("time_cond_proj_dim")  # LCM-distilled UNets embed the scale
         self.sync_decoder = self.load_sync_decoder()
 
     # ----------------------------------------------------------------------------------------------------- loading
@@ -107,7 +116,14 @@ class StableDiffusionDenoiser(SyncDecoding, Denoiser):
     def make_scheduler(self, name: str, **options: Any):
         return make_scheduler(name, self.scheduler_config, **options)
 
+    def set_timesteps(self, scheduler: Any, steps: int, views: Sequence[View]) -> None:
+        check_few_step_count(scheduler, steps)
+        super().set_timesteps(scheduler, steps, views)
+
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> PromptEmbedding:
+        if negative_prompt and self.guidance_embedding is not None:
+            log.warning("negative prompt %r ignored: this UNet embeds the guidance scale (LCM-distilled), it has no "
+                        "unconditional branch to steer", negative_prompt)
         positive, negative = self.pipe.encode_prompt(
             prompt, self.device, 1, True, negative_prompt=negative_prompt or None
         )
@@ -139,8 +155,14 @@ class StableDiffusionDenoiser(SyncDecoding, Denoiser):
     ) -> dict[str, Any]:
         """Extra keyword arguments of the UNet call for this batch: the hook conditioning composes through. A family
         adds its own (SDXL: ``added_cond_kwargs``), a conditioning adds its part to ``super().unet_kwargs(...)``'s
-        (ControlNet: residuals), each reading its per-request part of ``context``. None for SD."""
-        return {}
+        (ControlNet: residuals), each reading its per-request part of ``context``. SD: a guidance-embedding UNet's
+        ``timestep_cond``, from the rows' scales that :meth:`predict` put in the call's context."""
+        scales = context.get(GUIDANCE)
+        if scales is None or self.guidance_embedding is None:
+            return {}
+        # diffusers' embedding of (scale - 1) (the Imagen CFG form), computed on the CPU as its pipelines do
+        embedding = self.pipe.get_guidance_scale_embedding(scales - 1, embedding_dim=self.guidance_embedding)
+        return {"timestep_cond": embedding.to(latents.device, latents.dtype)}
 
     def predict(
         self,
@@ -151,9 +173,13 @@ class StableDiffusionDenoiser(SyncDecoding, Denoiser):
         context: RequestContext = NO_CONTEXT,
     ) -> torch.Tensor:
         x = latents.to(self.dtype)
-        scales = torch.tensor([c.guidance_scale for c in conds], device=x.device, dtype=torch.float32)
+        scales = torch.tensor([c.guidance_scale for c in conds], dtype=torch.float32)  # CPU: read on the host
         embeds = [PromptEmbedding(*c.embedding) for c in conds]  # also accepts a hand-built (negative, positive)
         positive = torch.cat([e.positive for e in embeds])
+        if self.guidance_embedding is not None:  # the scale is embedded per row: the prompt's branch only
+            mask = torch.ones(len(conds), dtype=torch.bool, device=x.device)
+            call = context.with_part(GUIDANCE, scales)
+            return self.unet_forward(x, step, positive, views, mask, call).float()
         if bool((scales <= 1).all()):  # no guidance: conditional branch only (as diffusers does)
             mask = torch.ones(len(conds), dtype=torch.bool, device=x.device)
             return self.unet_forward(x, step, positive, views, mask, context).float()
@@ -163,7 +189,7 @@ class StableDiffusionDenoiser(SyncDecoding, Denoiser):
         out = self.unet_forward(torch.cat([x, x]), step, torch.cat([negative, positive]), list(views) * 2, mask,
                                  context)
         uncond, cond = out.float().chunk(2)
-        g = scales.view(-1, 1, 1, 1)
+        g = scales.to(x.device).view(-1, 1, 1, 1)
         return uncond + g * (cond - uncond)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
