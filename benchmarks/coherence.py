@@ -24,23 +24,47 @@ PROMPT = "a landscape"
 
 
 def settings(steps: int) -> dict[str, dict[str, Any]]:
-    """Sync settings by name. ``paper``: w 20, decay 0.95, every step (the paper's). ``fast``: the fast preset's
-    rule (the first tenth of the steps, at twice the weight), scaled to ``steps``."""
+    """Settings by name: sync keys (weight, decay, every, until, resolution), plus ``tiler`` (sliding at
+    ``--stride``, or shifted: non-overlapping windows moved every step) and ``net`` (the LPIPS network).
+    ``paper``: w 20, decay 0.95, every step (the paper's). ``fast``: the fast preset's rule (the first tenth of the
+    steps, at twice the weight), scaled to ``steps``."""
     tenth = max(1, round(steps / 10))
     return {
         "multidiffusion": {"weight": 0.0},
         "paper": {"weight": 20.0, "decay": 0.95, "every": 1, "until": None},
         "fast": {"weight": 40.0, "decay": 0.95, "every": 1, "until": tenth},
+        "shifted": {"weight": 0.0, "tiler": "shifted"},
     }
 
 
-def spec(args, sync: dict[str, Any], seed: int, out: str) -> dict[str, Any]:
+def parse_setting(body: str) -> dict[str, Any]:
+    """``weight=40,until=2,tiler=shifted`` -> a setting (numbers as numbers, ``none`` as None)."""
+    out: dict[str, Any] = {}
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition("=")
+        if value == "none":
+            out[key] = None
+        elif key in ("until", "every", "resolution"):
+            out[key] = int(value)
+        else:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                out[key] = value
+    return out
+
+
+def spec(args, setting: dict[str, Any], seed: int, out: str) -> dict[str, Any]:
+    sync = dict(setting)
+    tiler = sync.pop("tiler", "sliding")
+    net = sync.pop("net", "vgg")
+    geometry = {"window": args.window, "stride": args.stride} if tiler == "sliding" else {"window": args.window}
     return {
         "canvas": {"height": args.window, "width": args.width},
-        "tiler": {"name": "sliding", "window": args.window, "stride": args.stride},
+        "tiler": {"name": tiler, **geometry},
         "merger": {"name": "average"},
         "denoiser": {"name": "stable-diffusion", "pretrained": args.model, "device": args.device},
-        "sync": {"loss": {"name": "lpips", "net": "vgg", "backbone": args.backbone}, **sync},
+        "sync": {"loss": {"name": "lpips", "net": net, "backbone": args.backbone}, **sync},
         "sampler": {"scheduler": "ddim", "steps": args.steps, "guidance_scale": args.guidance,
                     "view_batch_size": args.view_batch_size},
         "requests": [{"prompt": PROMPT, "seed": seed, "name": f"s{seed}"}],
@@ -87,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="random", help="LPIPS backbone: random here (no ImageNet weights "
                                                               "offline), pretrained where torchvision has them")
     parser.add_argument("--settings", default="multidiffusion,paper,fast")
-    parser.add_argument("--setting", action="append", default=[], metavar="NAME:weight=..,decay=..,until=..",
+    parser.add_argument("--setting", action="append", default=[],
+                        metavar="NAME:weight=..,decay=..,until=..,resolution=..,tiler=shifted,net=alex",
                         help="an extra sync setting")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--save", action="store_true", help="save the panoramas (under --out-images)")
@@ -97,10 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     table = settings(args.steps)
     for text in args.setting:
         name, _, body = text.partition(":")
-        table[name] = {k: (None if v == "none" else float(v)) for k, v in
-                       (item.split("=") for item in body.split(",") if item)}
-        if table[name].get("until") is not None:
-            table[name]["until"] = int(table[name]["until"])
+        table[name] = parse_setting(body)
         args.settings += f",{name}"
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     rows = []

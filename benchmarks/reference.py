@@ -19,6 +19,7 @@ from syncengine.denoiser import Conditioning, Denoiser, Step
 from syncengine.parameterization import is_flow_scheduler, noise_level
 from syncengine.sync import decoded_x0
 from syncengine.sync_loss import SyncLoss
+from syncengine.view_schedule import ViewSchedule
 from syncengine.views import View
 
 
@@ -34,12 +35,17 @@ def reference_syncdiffusion(
     prompt: str,
     anchor_gradient: bool = True,
     scheduler: str = "ddim",
+    schedule: ViewSchedule | None = None,
 ) -> torch.Tensor:
     """The final latent canvas from initial noise ``canvas0`` (the centre window as anchor, sync every step).
 
     ``scheduler``: ``ddim``, stepped by diffusers per window; or, for rectified-flow models, ``flow_euler``, whose
     per-window Euler step ``x + (sigma' - sigma) v`` is written out here (diffusers' flow scheduler counts its calls:
-    one per step, not one per window)."""
+    one per step, not one per window).
+
+    ``schedule``: views that move from step to step (shifted windows): each step uses its own views, and the anchor
+    is the view that holds the canvas centre at that step (``views`` then gives the first step's, for the scheduler).
+    """
     sched = den.make_scheduler(scheduler)
     den.set_timesteps(sched, steps, views)
     flow = is_flow_scheduler(sched)
@@ -48,6 +54,9 @@ def reference_syncdiffusion(
     latent = canvas0.to(den.device).clone()
     anchor = views[len(views) // 2]
     for i, t in enumerate(sched.timesteps):
+        if schedule is not None:
+            views = schedule.at(i)
+            anchor = schedule.anchor("center", views)
         step = Step(i, steps, t)
         a = noise_level(sched, i, t)
         w = weight * decay**i

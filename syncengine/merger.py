@@ -31,7 +31,7 @@ class Merger(Plugin):
 
     def __init__(self, config=None):
         super().__init__(config)
-        self._cache: dict[int, torch.Tensor] = {}
+        self._cache: dict[int, tuple[View, torch.Tensor]] = {}  # view index -> (that view, its weight)
 
     @property
     def target(self) -> str:
@@ -43,21 +43,21 @@ class Merger(Plugin):
 
     def weight(self, view: View, device=None, dtype=torch.float32) -> torch.Tensor:
         """The view's full weight: the merger's window weight times the view's own weight (mask, density)."""
-        key = view.index
-        if key not in self._cache:
+        cached = self._cache.get(view.index)
+        if cached is None or cached[0] is not view:  # views that move reuse indices: a new view, a new weight
             w = self.window_weight(view).to(torch.float32)
             if view.weight is not None:
                 w = w * view.weight.to(torch.float32)
-            self._cache[key] = w
-        return self._cache[key].to(device=device, dtype=dtype)
+            cached = self._cache[view.index] = (view, w)
+        return cached[1].to(device=device, dtype=dtype)
 
 
 class MergeBuffer:
     """Canvas-sized weighted sum and weight sum for one merged quantity.
 
-    ``weight``: a weight canvas computed once (:meth:`weights_of`). The weights of a request never change from step
-    to step, so the sampler sums them (and all-reduces them, when sharded) once and shares them between buffers;
-    each step then only accumulates (and communicates) the weighted sums."""
+    ``weight``: a weight canvas computed once per set of views (:meth:`weights_of`). Fixed views keep their weights
+    for the whole request, so the sampler sums them (and all-reduces them, when sharded) once and shares them between
+    buffers; each step then only accumulates (and communicates) the weighted sums."""
 
     def __init__(self, shape: tuple[int, ...], device=None, dtype=torch.float32, weight: torch.Tensor | None = None):
         self.sum = torch.zeros(shape, device=device, dtype=dtype)

@@ -154,7 +154,7 @@ class Pipeline:
         merger = spec.build("merger")
         cfg = spec.config
         context = denoiser.prepare_request(request, canvas)  # the request's conditioning, kept off the denoiser
-        views = tiler.views(canvas)
+        views = tiler.view_schedule(canvas, request.seed)  # fixed views, or views that move from step to step
         sampler = JointSampler(
             denoiser,
             views,

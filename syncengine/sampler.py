@@ -15,6 +15,11 @@ the predictions are averaged on it and the scheduler steps once there. For DDIM-
 (x_t, eps), so this equals stepping each view and averaging (the paper's order); stepping on the canvas lets every
 diffusers scheduler work and draws stochastic noise once. :class:`X0Merge` (``merger.target: x0``, SyncTweedies,
 Kim et al. 2024): each view keeps its own x_t and the canvas holds only the merged Tweedie estimate x0.
+
+The views of a step come from the tiler's :class:`~syncengine.view_schedule.ViewSchedule` (:class:`StepViews`): the
+same at every step for most tilers, new at every step for shifted windows (SpotDiffusion), whose anchor is the view
+holding the anchor position at that step. Because the canvas holds x_t, a step's views need nothing from the last
+step's views.
 """
 from __future__ import annotations
 
@@ -33,7 +38,10 @@ from .parameterization import NoiseLevel, ddim_step, is_flow_scheduler, model_ou
 from .schedulers import ALIASES
 from .sync import SyncSchedule, decoded_x0, sync_gradient
 from .sync_loss import SyncLoss
+from .view_schedule import FixedViews, ViewSchedule, resolve_anchor
 from .views import CanvasSpec, InputContext, View, plain
+
+__all__ = ["JointSampler", "Request", "SamplerOptions", "SampleResult", "StepState", "StepViews", "resolve_anchor"]
 
 
 @dataclass
@@ -102,21 +110,6 @@ def _batches(items: Sequence, size: int):
         yield items[start : start + size]
 
 
-def resolve_anchor(anchor: int | str, members: Sequence[View]) -> View:
-    """The anchor among a sync group's views: ``center`` (paper: N // 2), ``first``, ``last`` or a view index (groups
-    that do not hold that view use their centre; an index no group holds is an error, :func:`check_anchor_index`)."""
-    if anchor == "center":
-        return members[len(members) // 2]
-    if anchor == "first":
-        return members[0]
-    if anchor == "last":
-        return members[-1]
-    for view in members:
-        if view.index == int(anchor):
-            return view
-    return members[len(members) // 2]  # a group without that view (region layouts): its centre
-
-
 @dataclass
 class SamplerStats:
     """What one request cost; the sidecar's ``stats`` (:meth:`to_dict`, with the collective's counters)."""
@@ -135,6 +128,18 @@ class SamplerStats:
 
 
 @dataclass
+class StepViews:
+    """The views of one step and what the sampler derives from them. Fixed views (most tilers): built once per
+    request; views that move (``shifted``): built at every step, on every rank alike."""
+
+    views: list[View]  # every view of the step, in order
+    owned: list[View]  # this rank's balanced share of them (window sharding; all of them in one process)
+    weights: torch.Tensor  # [1, 1, H, W]: the summed merge weights of every view (Eq. 12's denominator)
+    groups: dict[Any, tuple[View, list[View]]]  # sync group -> (its anchor at this step, its views); empty: no sync
+    conds: dict[int, Conditioning]  # per view index
+
+
+@dataclass
 class StepState:
     """What one denoising step of Algorithm 1 knows: shared by the loop, the sync update and the merge target."""
 
@@ -142,7 +147,7 @@ class StepState:
     level: NoiseLevel  # x_t = signal x0 + noise eps at t (alpha space, or a rectified flow's)
     weight: float  # w of Eq. 14 at this step; 0: no sync
     inputs: InputContext
-    conds: dict[int, Conditioning]  # per view index
+    views: StepViews
     stats: SamplerStats
     context: RequestContext = NO_CONTEXT  # the request's conditioning from Denoiser.prepare_request, for every predict
     targets: dict[Any, Any] = field(default_factory=dict)  # per sync group: the anchor's loss target
@@ -151,15 +156,19 @@ class StepState:
     def syncing(self) -> bool:
         return self.weight > 0
 
+    @property
+    def conds(self) -> dict[int, Conditioning]:
+        return self.views.conds
+
 
 class XtMerge:
     """MultiDiffusion's merge target (Eq. 12): the canvas holds x_t. Views read windows of it; the synced windows
     x_hat_t^i and the predictions eps^i are averaged on the canvas, and the scheduler steps once there. For DDIM the
     step is linear in (x_t, eps), so this equals the paper's per-view step then average (lines 13-15)."""
 
-    def __init__(self, sampler: JointSampler, scheduler: Any, noise: torch.Tensor, weights: torch.Tensor,
-                 owned: list[View], step_kwargs: dict[str, Any]):
-        self.sampler, self.scheduler, self.weights, self.step_kwargs = sampler, scheduler, weights, step_kwargs
+    def __init__(self, sampler: JointSampler, scheduler: Any, noise: torch.Tensor, owned: list[View],
+                 step_kwargs: dict[str, Any]):
+        self.sampler, self.scheduler, self.step_kwargs = sampler, scheduler, step_kwargs
         self.device = sampler.denoiser.device
         self.latents = (noise * getattr(scheduler, "init_noise_sigma", 1.0)).to(self.device)  # flow: 1, no attribute
 
@@ -170,9 +179,9 @@ class XtMerge:
             ones = torch.ones(1, device=self.device)
             self.scale = float(self.scheduler.scale_model_input(ones, s.step.timestep).reshape(-1)[0])
         self.model_canvas = self.latents * self.scale
-        shape = self.latents.shape
-        self.eps = MergeBuffer(shape, device=self.device, weight=self.weights)
-        self.x_hat = MergeBuffer(shape, device=self.device, weight=self.weights) if s.syncing else None
+        shape, weights = self.latents.shape, s.views.weights
+        self.eps = MergeBuffer(shape, device=self.device, weight=weights)
+        self.x_hat = MergeBuffer(shape, device=self.device, weight=weights) if s.syncing else None
 
     def read(self, view: View) -> torch.Tensor:
         """Line 9: x_t^i = T_{z->i}(z_t), the view's window of the canvas."""
@@ -209,9 +218,9 @@ class X0Merge:
     read consistent windows (crops) every step then equals :class:`XtMerge`'s exactly, and the result is the merged x0
     up to the scheduler's final ``sqrt(alpha)`` factors. DDIM only (:func:`check_x0_scheduler`)."""
 
-    def __init__(self, sampler: JointSampler, scheduler: Any, noise: torch.Tensor, weights: torch.Tensor,
-                 owned: list[View], step_kwargs: dict[str, Any]):
-        self.sampler, self.scheduler, self.weights, self.owned = sampler, scheduler, weights, owned
+    def __init__(self, sampler: JointSampler, scheduler: Any, noise: torch.Tensor, owned: list[View],
+                 step_kwargs: dict[str, Any]):
+        self.sampler, self.scheduler, self.owned = sampler, scheduler, owned  # fixed views only (JointSampler)
         self.device = device = sampler.denoiser.device
         # Drawn once on the canvas; each view reads its own x_T so that it keeps unit variance (View.extract_noise).
         self.states = {v.index: v.extract_noise(noise.to(device)) for v in owned}
@@ -220,8 +229,8 @@ class X0Merge:
 
     def begin(self, s: StepState) -> None:
         self.last = s.step.index == s.step.total - 1
-        self.x0 = MergeBuffer(self.zeros.shape, device=self.device, weight=self.weights)
-        self.xt = MergeBuffer(self.zeros.shape, device=self.device, weight=self.weights) if self.last else None
+        self.x0 = MergeBuffer(self.zeros.shape, device=self.device, weight=s.views.weights)
+        self.xt = MergeBuffer(self.zeros.shape, device=self.device, weight=s.views.weights) if self.last else None
         self.current: dict[int, torch.Tensor] = {}
 
     def read(self, view: View) -> torch.Tensor:
@@ -266,46 +275,69 @@ MERGE_STRATEGIES: dict[str, type] = {"xt": XtMerge, "x0": X0Merge}
 
 
 class JointSampler:
-    """Runs one request from noise to a final latent canvas."""
+    """Runs one request from noise to a final latent canvas.
+
+    ``views``: a list (the same views at every step) or a :class:`~syncengine.view_schedule.ViewSchedule` from the
+    tiler (``Tiler.view_schedule``), whose views may move from step to step."""
 
     def __init__(
         self,
         denoiser: Denoiser,
-        views: Sequence[View],
+        views: Sequence[View] | ViewSchedule,
         merger: Merger,
         sync_loss: SyncLoss | None,
         schedule: SyncSchedule,
         options: SamplerOptions,
         collective: Collective | None = None,
     ):
+        self.plan = views if isinstance(views, ViewSchedule) else FixedViews(views)
         if merger.target == "x0":
             check_x0_scheduler(options.scheduler)
+            if self.plan.moving:
+                raise ConfigError("merger.target", "x0 keeps each view's own x_t from step to step; this tiler's "
+                                                   "views move every step: use merger.target xt")
         self.denoiser = denoiser
-        self.views = list(views)
+        self.views = self.plan.at(0)  # the first step's (all of them, for fixed views)
         self.merger = merger
         self.sync_loss = sync_loss
         self.schedule = schedule
         self.options = options
         self.collective = collective or Collective()
-        self.groups = self._sync_groups()
-        if sync_loss is not None:
+        if sync_loss is not None and not self.plan.moving:
             check_anchor_index(options.anchor, self.views)
+        self.groups = self._sync_groups(self.views)  # the first step's
 
-    def _sync_groups(self) -> dict[Any, tuple[View, list[View]]]:
+    def _sync_groups(self, views: Sequence[View]) -> dict[Any, tuple[View, list[View]]]:
+        """Sync group -> (its anchor, its views); none without a sync loss."""
+        if self.sync_loss is None:
+            return {}
         groups: dict[Any, list[View]] = {}
-        for view in self.views:
+        for view in views:
             key = view.context.get("sync_group", "default")
             if key is not None:
                 groups.setdefault(key, []).append(view)
-        return {key: (resolve_anchor(self.options.anchor, members), members) for key, members in groups.items()}
+        return {key: (self.plan.anchor(self.options.anchor, members), members) for key, members in groups.items()}
+
+    def _step_views(self, views: list[View], request: Request, prompts: dict, shape: tuple[int, ...]) -> StepViews:
+        """What the sampler needs of one step's views. Fixed views: this rank's share merges into weights that are
+        summed once and all-reduced (as every later step's sums). Moving views: every rank sums the weights of all
+        views itself, so a moving step costs no extra collective."""
+        owned = self.collective.owned(views)
+        device = self.denoiser.device
+        if self.plan.moving:
+            weights = MergeBuffer.weights_of(views, self.merger, shape, device)
+        else:
+            weights = MergeBuffer.weights_of(owned, self.merger, shape, device)
+            self.collective.all_reduce_([weights])
+        groups = self.groups if views is self.views else self._sync_groups(views)
+        return StepViews(views, owned, weights, groups, self._conditionings(request, views, prompts))
 
     # ------------------------------------------------------------------------------------------------ conditioning
 
-    def _conditionings(self, request: Request) -> dict[int, Conditioning]:
-        """Each view's conditioning; identical prompts are encoded once."""
-        cache: dict[tuple[str, str], Any] = {}
+    def _conditionings(self, request: Request, views: Sequence[View], cache: dict) -> dict[int, Conditioning]:
+        """Each view's conditioning; identical prompts are encoded once per request (``cache``)."""
         out = {}
-        for view in self.views:
+        for view in views:
             prompt = view.context.get("prompt", request.prompt)
             negative = view.context.get("negative_prompt", request.negative_prompt)
             key = (prompt, negative)
@@ -347,23 +379,24 @@ class JointSampler:
         (default: :meth:`initial_noise` of its seed); ``context`` is what ``denoiser.prepare_request`` returned for
         the request, passed to every prediction."""
         scheduler, step_kwargs = self._scheduler(request)
-        conds = self._conditionings(request)
-        owned = self.collective.owned(self.views)
         if noise is None:
             noise = self.initial_noise(canvas, request.seed)
-        stats = SamplerStats(views=len(self.views), owned_views=len(owned))
-        # The merge weights never change within a request: summed (and all-reduced) once, shared by every step.
-        weights = MergeBuffer.weights_of(owned, self.merger, tuple(noise.shape), self.denoiser.device)
-        self.collective.all_reduce_([weights])
-        target = MERGE_STRATEGIES[self.merger.target](self, scheduler, noise.float(), weights, owned, step_kwargs)
+        prompts: dict[tuple[str, str], Any] = {}
+        # Fixed views: their weights, shares and groups hold for every step (computed once); moving ones per step.
+        layout = self._step_views(self.views, request, prompts, tuple(noise.shape))
+        stats = SamplerStats(views=len(layout.views), owned_views=len(layout.owned))
+        target = MERGE_STRATEGIES[self.merger.target](self, scheduler, noise.float(), layout.owned, step_kwargs)
         on_views = _views_callback(progress)
         timesteps = scheduler.timesteps
-        batches = -(-len(owned) // self.options.view_batch_size)
         for i, t in enumerate(timesteps):
+            if self.plan.moving and i > 0:
+                layout = self._step_views(self.plan.at(i), request, prompts, tuple(noise.shape))
+            owned = layout.owned
+            batches = -(-len(owned) // self.options.view_batch_size)
             step = Step(i, len(timesteps), t)
             level = noise_level(scheduler, i, t)
             weight = self.schedule.weight_at(i) if self.sync_loss is not None else 0.0
-            s = StepState(step, level, weight, InputContext(step, level, self.denoiser, int(request.seed)), conds,
+            s = StepState(step, level, weight, InputContext(step, level, self.denoiser, int(request.seed)), layout,
                           stats, context=context)
             target.begin(s)
             if s.syncing:  # line 2: the anchor x_t^0 stays; D(phi(x_t^0, t)) is the loss target, once, without gradient
@@ -403,9 +436,10 @@ class JointSampler:
         and broadcast). ``read`` gives a view's current x_t (its canvas window, or its own state when merging x0)."""
         targets = {}
         device = self.denoiser.device
-        for key, (anchor, members) in self.groups.items():
-            position = next(p for p, v in enumerate(self.views) if v is anchor)
-            owner = self.collective.owner_of(position, len(self.views))
+        views = s.views.views
+        for key, (anchor, members) in s.views.groups.items():
+            position = next(p for p, v in enumerate(views) if v is anchor)
+            owner = self.collective.owner_of(position, len(views))
             image = torch.zeros(self._anchor_image_shape(anchor), device=device)
             if owner == self.collective.rank:
                 with torch.no_grad():
@@ -429,7 +463,7 @@ class JointSampler:
     def _sync_update(self, x: torch.Tensor, batch: Sequence[View], s: StepState) -> torch.Tensor:
         """Algorithm 1 lines 2-4 for one view batch: the anchor and unsynced views keep x_t; every other view
         x_hat_t^i = x_t^i - w * grad_{x_t^i} L(D(phi(x_t^i, t)), target of its group's anchor)  (Eq. 14)."""
-        picks = [k for k, view in enumerate(batch) if self._synced(view, s.targets)]
+        picks = [k for k, view in enumerate(batch) if self._synced(view, s)]
         if not picks:
             return x
         x = x.clone()
@@ -451,10 +485,10 @@ class JointSampler:
             s.stats.decodes += len(chunk)
         return x
 
-    def _synced(self, view: View, targets: dict[Any, Any]) -> bool:
+    def _synced(self, view: View, s: StepState) -> bool:
         """Whether the sync update moves ``view``: it is in a sync group and not that group's anchor (line 2)."""
         key = view.context.get("sync_group", "default")
-        return key is not None and key in targets and self.groups[key][0] is not view
+        return key is not None and key in s.targets and s.views.groups[key][0] is not view
 
 
 def check_finite(x: torch.Tensor, step: int, steps: int) -> None:

@@ -6,6 +6,7 @@ from abc import abstractmethod
 import torch
 
 from .plugin import Plugin
+from .view_schedule import FixedViews, ViewSchedule
 from .views import CanvasSpec, View
 
 
@@ -17,6 +18,9 @@ class Tiler(Plugin):
       canvas (window larger than canvas, ...). It runs before any model loads.
     - ``views(canvas)`` returns views whose union covers every canvas position the output needs (a position no view
       covers keeps its initial noise). The order is stable: view indices are used for the anchor and for sharding.
+    - ``view_schedule(canvas, seed)`` gives the views of every step. By default ``views(canvas)`` at every step
+      (merge weights and shares computed once); a tiler whose views move from step to step (``shifted``) returns a
+      :class:`~syncengine.view_schedule.MovingViews`, deterministic in the seed so that every rank builds the same.
     - Views in the same ``context["sync_group"]`` (default ``"default"``) are synchronized against one anchor;
       ``context["sync_group"] = None`` excludes a view from synchronization.
     """
@@ -45,3 +49,7 @@ class Tiler(Plugin):
 
     @abstractmethod
     def views(self, canvas: CanvasSpec) -> list[View]: ...
+
+    def view_schedule(self, canvas: CanvasSpec, seed: int) -> ViewSchedule:
+        """The views of each step of a request with this ``seed``: the same views at every step by default."""
+        return FixedViews(self.views(canvas))
