@@ -8,10 +8,12 @@ refusals hold.
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
 import torch
+from _controlnet_helpers import tiny_controlnet  # noqa: F401 - fixture
 from _few_step_helpers import GUIDANCE_DIM, StepNoiseSpy, tiny_lcm  # noqa: F401 - fixture
 from _tolerance import KERNEL_ULPS, REORDER_ULPS, assert_reordered_close, reorder_tolerance
 
@@ -41,6 +43,14 @@ def one_thread():
 
 def _latents(spec: dict, collective: Collective | None = None) -> torch.Tensor:
     return Pipeline(resolve(spec), collective=collective).run(0).latents
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str) -> None:
+    """assert_reordered_close, printing the measured distance under SYNCENGINE_TEST_REPORT (for docs and reports)."""
+    if os.environ.get("SYNCENGINE_TEST_REPORT"):
+        d = (got.float() - expected.float()).abs().max().item()
+        print(f"\n{what}: distance {d:.3g}, tolerance {tolerance:.3g} ({d / tolerance:.3f} of it)")
+    assert_reordered_close(got, expected, tolerance, what)
 
 
 def _model(request, name: str):
@@ -93,7 +103,7 @@ def test_one_window_at_weight_zero_equals_diffusers(tiny_spec, request, case):
                      latents=noise.clone(), generator=torch.Generator().manual_seed(seed + 1), **dict(call))
     # diffusers' loop runs the same kernels on the same single window: within the kernel-reordering model
     tolerance = reorder_tolerance(lambda c: _latents(spec, c), KERNEL_ULPS)
-    assert_reordered_close(ours, ref.float(), tolerance, f"{case} vs diffusers")
+    _close(ours, ref.float(), tolerance, f"{case} vs diffusers")
     other = _diffusers(pipeline_class, folder, scheduler, height=64, width=64, num_inference_steps=steps,
                        latents=noise.clone(), generator=torch.Generator().manual_seed(seed + 2), **dict(call))
     assert (other.float() - ours).abs().max() > 100 * tolerance  # the step noise matters: the seed + 1 rule is tested
@@ -129,6 +139,39 @@ def test_lcm_unet_gets_the_guidance_embedding_per_view_and_no_cfg_batch(tiny_spe
     assert (alone[0] - alone[1]).abs().max() > 1e-3  # the scale reached the UNet
 
 
+def test_controlnet_composes_with_the_lcm_guidance_embedding(tiny_spec, tiny_lcm, tiny_controlnet, tmp_path):
+    """ControlNet residuals and the guidance embedding meet in ``unet_kwargs``: one window of an LCM UNet with a
+    ControlNet equals diffusers' StableDiffusionControlNetPipeline (timestep_cond to the UNet, no CFG batch). The
+    ControlNet is the tiny SD's (diffusers' from_unet cannot copy a guidance-embedding UNet's time embedding)."""
+    from _controlnet_helpers import controlnet_spec, random_image
+    from diffusers import ControlNetModel, LCMScheduler, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    net_dir = tiny_controlnet
+    image = random_image(tmp_path / "c.png", 64, 64)
+    spec = controlnet_spec(tiny_spec, {"model": str(net_dir), "scale": 0.8}, inputs={"control": str(image)},
+                           pretrained=str(tiny_lcm))
+    spec.update(canvas={"height": 64, "width": 64}, tiler={"name": "sliding", "window": 64, "stride": 64})
+    spec["sampler"].update(scheduler="lcm", steps=3, guidance_scale=4.0)
+    spec["requests"][0]["seed"] = 3
+    ours = _latents(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = StableDiffusionControlNetPipeline.from_pretrained(
+            str(tiny_lcm), controlnet=ControlNetModel.from_pretrained(net_dir), safety_checker=None,
+            requires_safety_checker=False)
+    ref.scheduler = LCMScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    noise = JointSampler.initial_noise(None, resolve(spec).canvas, 3)
+    out = ref(PROMPT, image=Image.open(image).convert("RGB"), num_inference_steps=3, guidance_scale=4.0,
+              latents=noise.clone(), generator=torch.Generator().manual_seed(4), output_type="latent",
+              controlnet_conditioning_scale=0.8).images
+    tolerance = reorder_tolerance(lambda c: _latents(spec, c), KERNEL_ULPS)
+    _close(ours, out.float(), tolerance, "controlnet + lcm vs diffusers")
+    spec["denoiser"]["controlnets"][0]["scale"] = 0.0
+    assert (_latents(spec) - ours).abs().max() > 100 * tolerance  # the ControlNet did act
+
+
 # ------------------------------------------------------------------------------- sync: batches and reproducibility
 
 
@@ -161,7 +204,7 @@ def test_sync_runs_are_reproducible_and_equal_across_view_batch_sizes(tiny_spec,
     assert torch.equal(first.latents, again)
     one = _latents(spec(1))
     tolerance = reorder_tolerance(lambda c: _latents(spec(3), c), KERNEL_ULPS)
-    assert_reordered_close(one, first.latents, tolerance, f"{alias}: view_batch_size 1 vs 3")
+    _close(one, first.latents, tolerance, f"{alias}: view_batch_size 1 vs 3")
     assert (_latents(spec(3, seed=2)) - first.latents).abs().max() > 100 * tolerance
 
 

@@ -142,7 +142,8 @@ class StableDiffusionXLDenoiser(StableDiffusionDenoiser):
         time_ids = self.time_ids(views).to(latents.device, hidden.dtype)
         kwargs["added_cond_kwargs"] = {"text_embeds": added.pooled, "time_ids": time_ids}
         if self.guidance_embedding is not None:
-            embedding = self.pipe.get_guidance_scale_embedding(added.scales - 1, self.guidance_embedding)
+            # on the CPU: diffusers' embedding builds its frequencies there (a CUDA ``w`` fails, device mismatch)
+            embedding = self.pipe.get_guidance_scale_embedding(added.scales.cpu() - 1, self.guidance_embedding)
             kwargs["timestep_cond"] = embedding.to(latents.device, latents.dtype)
         return kwargs
 
