@@ -6,6 +6,9 @@ Sections (each measurement in a fresh process, see ``worker``):
   included), then in syncengine one window at a time (``sync.batch_size: 1``) and batched, (d) the ``fast`` preset.
   Seconds per panorama, ratio to (a), UNet rows, VAE decodes, backward passes, peak memory.
 - shape: weight 0 and the fast preset on the 512x2048 geometry (13 windows) scaled to ``--window`` (CPU default).
+- wide: the 512x3072 geometry scaled to ``--window``: diffusers' MultiDiffusion at its own stride (an eighth of the
+  window) and at the paper's (a quarter), the engine at weight 0, the paper's settings and ``fast`` (quarter-window
+  stride), shifted windows at weight 0 and with the paper's sync, and the ``shifted-sync`` preset.
 - memory: peak memory for 4, 8 and 16 windows at a fixed view batch size, and with every window in one batch
   (paper sync settings, one step).
 - decode: the final decode of a 512x2048 and a 512x8192 canvas, with and without tiling.
@@ -166,6 +169,42 @@ def shape_jobs(args, model: str, taesd: str) -> list[dict]:
     ]
 
 
+def preset_sections(name: str, model_steps: int) -> tuple[dict, dict]:
+    """A preset's sync and tiler options (from the file users run), ``until`` scaled to the benchmark's steps."""
+    from omegaconf import OmegaConf
+
+    from syncengine.config import compose
+
+    cfg = OmegaConf.to_container(compose(name), resolve=True)
+    sync = {k: v for k, v in cfg["sync"].items() if k not in ("loss", "anchor")}
+    if sync.get("until") is not None:
+        sync["until"] = max(1, round(sync["until"] * model_steps / int(cfg["sampler"].get("steps", PRESET_STEPS))))
+    tiler = {k: v for k, v in cfg["tiler"].items() if k not in ("window", "window_height")}
+    return sync, tiler
+
+
+def wide_jobs(args, model: str) -> list[dict]:
+    """The 512x3072 geometry scaled to ``--window`` (6 windows wide): every way the engine makes such a panorama,
+    against diffusers' MultiDiffusion on the same model and steps."""
+    w = args.window
+    seeds = {"seeds": list(range(max(args.seeds, args.cheap_seeds)))}
+    geometry = dict(height=w, width=6 * w, stride=w // 4)
+    fast_sync, fast_den = fast_sections(args.steps, window=w)
+    preset_sync, preset_tiler = preset_sections("shifted-sync", args.steps)
+    shifted = {"name": "shifted", "window": w}
+    return [
+        base_job(args, model, kind="diffusers", name="diffusers", **{**geometry, "stride": w // 8}, **seeds),
+        base_job(args, model, kind="diffusers", name="diffusers-quarter", **geometry, **seeds),
+        base_job(args, model, name="weight0", sync={"weight": 0.0}, **geometry, **seeds),
+        base_job(args, model, name="paper", sync={**PAPER_SYNC, "batch_size": 1}, **geometry),
+        base_job(args, model, name="fast", sync={**PAPER_SYNC, **fast_sync}, denoiser=fast_den, **geometry, **seeds),
+        base_job(args, model, name="shifted-weight0", sync={"weight": 0.0}, tiler=shifted, **geometry, **seeds),
+        base_job(args, model, name="shifted-paper", sync={**PAPER_SYNC, "batch_size": 1}, tiler=shifted, **geometry),
+        base_job(args, model, name="shifted-sync", sync={**PAPER_SYNC, **preset_sync},
+                 tiler={**preset_tiler, "window": w}, **geometry, **seeds),
+    ]
+
+
 def memory_jobs(args, model: str) -> list[dict]:
     """Fixed view batch size (bounded) and, for contrast, every window in one batch (what bounding avoids)."""
     jobs = []
@@ -286,6 +325,10 @@ def targets(speed: list[dict]) -> dict[str, float]:
         out["fast_over_weight0"] = s["fast"] / s["weight0"]
     if {"paper-batched", "weight0"} <= s.keys():
         out["paper_over_weight0"] = s["paper-batched"] / s["weight0"]
+    for name in ("shifted-sync", "shifted-weight0", "fast", "paper"):
+        if {name, "diffusers", "diffusers-quarter", "shifted-weight0"} <= s.keys():
+            out[f"{name}_over_diffusers"] = s[name] / s["diffusers"]
+            out[f"{name}_over_diffusers_quarter_stride"] = s[name] / s["diffusers-quarter"]
     for name in s:
         if name.startswith("shape-fast") and "shape-weight0" in s:
             out[f"{name.removeprefix('shape-')}_over_weight0_2048_shaped"] = s[name] / s["shape-weight0"]
@@ -318,7 +361,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch threads per measurement (default: 1 on CPU, robust on a shared machine; GPU: all)")
     p.add_argument("--full", action="store_true", help="paper-shaped sizes: 512x2048, stride 128, 50 steps (GPU)")
     p.add_argument("--sections", default=None,
-                   help="comma-separated subset of speed,shape,memory,decode,coherence (shape: CPU default only)")
+                   help="comma-separated subset of speed,shape,wide,memory,decode,coherence "
+                        "(shape, wide: not in the defaults)")
     p.add_argument("--height", type=int, default=None, help="speed canvas height (default 256; --full 512)")
     p.add_argument("--width", type=int, default=None, help="speed canvas width (default 512; --full 2048)")
     p.add_argument("--window", type=int, default=None, help="window px (default 256; --full 512)")
@@ -379,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     out: dict[str, Any] = {"args": vars(args), "environment": environment(args)}
     builders = {"speed": lambda: speed_jobs(args, model, taesd), "shape": lambda: shape_jobs(args, model, taesd),
-                "memory": lambda: memory_jobs(args, model),
+                "memory": lambda: memory_jobs(args, model), "wide": lambda: wide_jobs(args, model),
                 "decode": lambda: decode_jobs(args, model), "coherence": lambda: coherence_jobs(args, model, taesd)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{args.name}.json"
@@ -387,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{section}]", file=sys.stderr, flush=True)
         out[section] = []
         jobs = builders[section]()
-        if section in ("speed", "shape"):
+        if section in ("speed", "shape", "wide"):
             def save(partial, section=section):
                 out[section] = partial
                 path.write_text(json.dumps(out, indent=1) + "\n")
@@ -397,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         for job in jobs:
             out[section].append(run_job(job, verbose=True))
             path.write_text(json.dumps(out, indent=1) + "\n")  # partial results survive an interrupted run
-    timed = out.get("speed", []) + out.get("shape", [])
+    timed = out.get("speed", []) + out.get("shape", []) + out.get("wide", [])
     if timed:
         out["targets"] = targets(timed)
         out["per_view_seconds"] = per_view_seconds(timed)
@@ -408,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
         j = out["shape"][0]["job"]
         print(f"\n## 512x2048-shaped ({j['height']}x{j['width']}, stride {j['stride']}, {args.steps} steps)\n\n"
               f"{speed_table(out['shape'])}\n")
+    if "wide" in out:
+        j, quarter = out["wide"][0]["job"], out["wide"][1]["job"]["stride"]
+        print(f"\n## 512x3072-shaped ({j['height']}x{j['width']}, {args.steps} steps; diffusers at stride "
+              f"{j['stride']}, the rest at {quarter})\n\n{speed_table(out['wide'])}\n")
     if timed:
         print("targets: " + ", ".join(f"{k} = {v:.2f}" for k, v in out["targets"].items()))
     if "memory" in out:

@@ -126,7 +126,7 @@ def syncengine_spec(job: dict[str, Any], seed: int, output_dir: str) -> dict[str
     denoiser.update(job.get("denoiser", {}))
     return {
         "canvas": {"height": job["height"], "width": job["width"]},
-        "tiler": {"name": "sliding", "window": job["window"], "stride": job["stride"]},
+        "tiler": job.get("tiler") or {"name": "sliding", "window": job["window"], "stride": job["stride"]},
         "merger": {"name": "average"},
         "denoiser": denoiser,
         "sync": sync,

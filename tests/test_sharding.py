@@ -43,7 +43,9 @@ SCRIPT = Path(__file__).resolve()
 # - bad: its override names a missing model (fails on both ranks);
 # - onesided: fails on rank 1 only, before sampling (as if its input file were missing on that node);
 # - sphere, sphere-x0: a 360-degree perspective ring with sync on (8 + 2 projected views of 32 px on a 64x128
-#   equirectangular canvas, 2 steps; per-request overrides switch the tiler), merging x_t, then merging x0.
+#   equirectangular canvas, 2 steps; per-request overrides switch the tiler), merging x_t, then merging x0;
+# - shifted: shifted windows with sync (32 px windows moved both ways every step on the 64x160 canvas: new views, a
+#   new anchor and new shares at each step, built alike on both ranks from the seed).
 # The demo preset on the tiny random model: these tests are about sharding, sized for its cost and kernels.
 BASE = ["denoiser.pretrained=syncengine:tiny-random", "canvas.height=64", "canvas.width=160", "tiler.window=64",
         "tiler.stride=32", "sampler.steps=4",
@@ -57,6 +59,8 @@ REQUESTS = [
     {"prompt": "only rank 1 fails", "name": "onesided"},  # see FAIL_ON_RANK_1
     {"prompt": "a forest clearing", "seed": 3, "name": "sphere", "overrides": SPHERICAL},
     {"prompt": "a forest clearing", "seed": 3, "name": "sphere-x0", "overrides": {**SPHERICAL, "merger.target": "x0"}},
+    {"prompt": "a mountain range", "seed": 5, "name": "shifted", "overrides": {"tiler.name": "shifted",
+                                                                               "tiler.window": 32}},
 ]
 FAILING = ("bad", "onesided")
 FAIL_ON_RANK_1 = "SYNCENGINE_TEST_FAIL_ON_RANK_1"  # a request name: as if its input file were missing on rank 1's node
@@ -162,7 +166,8 @@ def assert_same_output(one: Path, two: Path, jitter: Path, name: str) -> dict:
 
 
 def expected_collectives(meta: dict, channels: int = 4) -> dict:
-    """docs/sharding.md, "Communication per step": one all-reduce of the merge weights (H*W fp32) per request; one
+    """docs/sharding.md, "Communication per step": one all-reduce of the merge weights (H*W fp32) per request (none
+    when the views move every step: each rank sums every view's weights itself); one
     all-reduce per step of C*H*W fp32 values (noise sum; x0 sum when merging x0), twice that on sync steps (merging
     x_t: the window sum too) or on the last step (merging x0: the x_t sum); one broadcast of the anchor's decoded
     image (3*h*w fp32) per sync step and sync group."""
@@ -174,9 +179,10 @@ def expected_collectives(meta: dict, channels: int = 4) -> dict:
     sync_steps = sum(1 for x in weights if x > 0)
     window = spec["tiler"]["window"]
     doubled = 1 if spec["merger"]["target"] == "x0" else sync_steps  # x0: the last step also merges x_t
+    weights = 0 if spec["tiler"]["name"] == "shifted" and spec["tiler"]["shift"] else 1
     return {
-        "all_reduce_calls": steps + 1,
-        "all_reduce_bytes": h * w * 4 + channels * h * w * 4 * (steps + doubled),
+        "all_reduce_calls": steps + weights,
+        "all_reduce_bytes": weights * h * w * 4 + channels * h * w * 4 * (steps + doubled),
         "broadcast_calls": sync_steps,
         "broadcast_bytes": sync_steps * 3 * window * window * 4,
     }
@@ -210,7 +216,7 @@ def windows(cache, tmp_path_factory):
             for out, collective in ((one, Collective), (jitter, LastBitJitter)):  # plain, then every sum moved 1 ulp
                 mp.setattr(lightning_module, "Collective", collective)
                 summary = generate("configs/demo.yaml", [*BASE, f"runtime.output_dir={out}"], good)
-                assert summary.ok and len(summary.written) == 3
+                assert summary.ok and len(summary.written) == 4
     finally:
         torch.set_num_threads(threads)
     return run, one, two, jitter
@@ -219,11 +225,11 @@ def windows(cache, tmp_path_factory):
 def test_bad_requests_are_reported_once_and_skipped_in_a_two_process_run(windows):
     run, _, two, _ = windows
     assert run.returncode == 2, run.stderr[-3000:]  # a failed request makes the run exit non-zero...
-    assert "3 written, 2 failed" in run.stderr and run.stderr.count(" written, ") == 1  # ...reported once, by rank 0
+    assert "4 written, 2 failed" in run.stderr and run.stderr.count(" written, ") == 1  # ...reported once, by rank 0
     assert "failed bad: " in run.stderr and "/no/such/model" in run.stderr
     # a request that fails on one rank only (before sampling) is skipped by both, with that rank's reason
     assert "failed onesided: failed on rank 1: input file of onesided not found" in run.stderr
-    assert sorted(p.name for p in two.glob("*.png")) == ["pano.png", "sphere-x0.png", "sphere.png"]  # the others ran
+    assert sorted(p.name for p in two.glob("*.png")) == ["pano.png", "shifted.png", "sphere-x0.png", "sphere.png"]
 
 
 def test_windows_panorama_with_sync_equals_one_process(windows):
@@ -245,7 +251,14 @@ def test_windows_x0_merging_equals_one_process(windows):
     assert meta["spec"]["merger"]["target"] == "x0" and meta["stats"]["owned_views"] == 5
 
 
-@pytest.mark.parametrize("name", ["pano", "sphere", "sphere-x0"])
+def test_windows_shifted_with_sync_equals_one_process(windows):
+    _, one, two, jitter = windows
+    meta = assert_same_output(one, two, jitter, "shifted")
+    assert meta["spec"]["tiler"]["name"] == "shifted" and meta["stats"]["sync_views"] > 0
+    assert meta["stats"]["owned_views"] * 2 in (meta["stats"]["views"], meta["stats"]["views"] + 1)  # balanced
+
+
+@pytest.mark.parametrize("name", ["pano", "sphere", "sphere-x0", "shifted"])
 def test_collectives_per_request_match_the_documented_formula(windows, name):
     meta = json.loads((windows[2] / f"{name}.json").read_text())
     counted = {k: meta["stats"][k] for k in ("all_reduce_calls", "all_reduce_bytes", "broadcast_calls",

@@ -178,3 +178,18 @@ def test_shifted_validation_messages(tiny_spec):
         resolve(shifted_spec(tiny_spec, {"window": 256}))
     with pytest.raises(ConfigError, match="tiler.window.*multiple of the latent factor"):
         resolve(shifted_spec(tiny_spec, {"window": 60}))
+
+
+@pytest.mark.parametrize("weight", [0.0, 4.0], ids=["multidiffusion", "sync"])
+def test_regions_on_shifted_windows_equal_the_shifted_panorama_for_one_covering_region(tiny_spec, weight):
+    """Regions take the shifted tiler's windows (``windows: shifted``): one region covering the canvas with the
+    request's prompt gives the same views, weights and anchors at every step, so the same latents bit for bit."""
+    sections = {"canvas": {"height": 64, "width": 192}, "sync": {"weight": weight}, "sampler": {"steps": 2}}
+    plain = Pipeline(resolve(shifted_spec(tiny_spec, {"window": 64}, **sections))).run(0).latents
+    spec = tiny_spec(**sections)
+    spec["tiler"] = {"name": "regions", "window": 64, "windows": "shifted", "regions": [
+        {"mask": {"rect": [0, 0, 1.0, 1.0]}, "prompt": "a photo of a mountain", "sync": True}]}
+    resolved = resolve(spec)
+    schedule = resolved.build("tiler").view_schedule(resolved.canvas, seed=0)
+    assert schedule.moving and schedule.at(0)[0].context["region"] == 0
+    assert torch.equal(Pipeline(resolved).run(0).latents, plain)

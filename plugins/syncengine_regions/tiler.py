@@ -10,12 +10,14 @@ all zero are skipped.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Dict, List, Optional
+from typing import ClassVar, Dict, List, Literal, Optional
 
 import torch
 
 from syncengine.errors import ConfigError
+from syncengine.view_schedule import MovingViews, ViewSchedule
 from syncengine.views import CanvasSpec, CropView, View
+from syncengine_panorama.shifted import ShiftedConfig, ShiftedTiler, shifted_windows, step_shift
 from syncengine_panorama.sliding import SlidingConfig, SlidingTiler
 
 from .masks import MaskConfig, feather, hex_color, layout_colors, load_mask, parse_color, to_latents
@@ -43,6 +45,7 @@ class RegionsConfig(SlidingConfig):
     background: bool = True  # background views fill what the regions leave; false: the regions must cover the canvas
     background_prompt: Optional[str] = None  # default: the request's prompt
     background_negative_prompt: Optional[str] = None  # default: the request's
+    windows: Literal["sliding", "shifted"] = "sliding"  # shifted: non-overlapping, moved every step (no stride)
 
     # The user's words, never interpolated by OmegaConf (as requests' prompts): `${oc.env:HOME}` stays that text.
     literal_text: ClassVar[tuple[str, ...]] = ("regions.prompt", "regions.negative_prompt", "prompts",
@@ -147,7 +150,11 @@ class RegionsTiler(SlidingTiler):
     # ------------------------------------------------------------------------------------------------ the tiler
 
     def validate(self, canvas: CanvasSpec) -> None:
-        super().validate(canvas)
+        if self.config.windows == "shifted":  # the shifted tiler's rules: no stride
+            c = self.config
+            ShiftedTiler(ShiftedConfig(c.window, c.window_height, c.loop)).validate(canvas)
+        else:
+            super().validate(canvas)
         self.regions(canvas)
 
     def initial_noise(self, noise: torch.Tensor, canvas: CanvasSpec, seed: int) -> torch.Tensor:
@@ -162,7 +169,25 @@ class RegionsTiler(SlidingTiler):
         return noise
 
     def views(self, canvas: CanvasSpec) -> list[View]:
-        windows = super().views(canvas)
+        return self.views_of(super().views(canvas), canvas)
+
+    def view_schedule(self, canvas: CanvasSpec, seed: int) -> ViewSchedule:
+        """Sliding windows: the same views every step. Shifted windows (SpotDiffusion): each step's grid of
+        non-overlapping windows, offset as the ``shifted`` tiler's, each giving its background and region views."""
+        if self.config.windows == "sliding":
+            return super().view_schedule(canvas, seed)
+        self.validate(canvas)
+        f = canvas.latent_factor
+        h, w = (self.config.window_height or self.config.window) // f, self.config.window // f
+
+        def at(step: int) -> list[View]:
+            shift = step_shift(seed, step, h, w, canvas.latent_height, canvas.latent_width)
+            return self.views_of(shifted_windows(canvas, h, w, shift, self.config.loop), canvas)
+
+        return MovingViews(at, canvas)
+
+    def views_of(self, windows: list[CropView], canvas: CanvasSpec) -> list[View]:
+        """The background and region views of ``windows``: one per window and layer that has weight in it."""
         c = self.config
         views: list[View] = []
 
