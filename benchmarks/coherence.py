@@ -92,7 +92,9 @@ def run_setting(args, name: str, sync: dict[str, Any], out: Path) -> dict[str, A
             (out / name).mkdir(parents=True, exist_ok=True)
             save_image(images[-1], out / name / f"s{seed}.png")
     summary = evaluate_looks(images, args.window).as_dict()
-    summary.pop("crops")
+    crops = summary.pop("crops")
+    summary["mixed_seeds"] = [seed for seed, c in zip(seeds, crops) if c["mixed"]]  # for paired comparisons
+    summary["majorities"] = [c.get("majority") for c in crops]
     return {"setting": name, "sync": sync, "seeds": seeds, "seconds_per_panorama": sum(seconds) / len(seconds),
             **summary}
 
