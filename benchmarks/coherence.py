@@ -5,8 +5,9 @@ landscape", which covers every look; MultiDiffusion's windows then pick looks in
 setting (MultiDiffusion, the paper's sync, the ``fast`` preset's, and any ``--setting``), the same seeds are generated
 and each panorama's window-size crops are classified into the world's looks by the toy world's own classifier
 (``syncengine_toy.looks``: colour statistics of the generator's bands; no LPIPS, no VGG). Reported per setting: the
-mixed-look rate with its 95% Wilson interval, the look diversity across seeds (sync must not collapse every seed to
-one look), the share of unsure crops, and seconds per panorama. Results go to
+mixed-look rate with its 95% Wilson interval, the mean look disagreement (continuous: every crop's posterior) with
+its interval and, seed by seed, its difference from the first setting, the look diversity across seeds (sync must
+not collapse every seed to one look), the share of unsure crops, and seconds per panorama. Results go to
 ``benchmarks/results/<device>-coherence-toy.json``.
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from syncengine.evaluation.looks import paired_difference
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "a landscape"
@@ -95,6 +98,7 @@ def run_setting(args, name: str, sync: dict[str, Any], out: Path) -> dict[str, A
     crops = summary.pop("crops")
     summary["mixed_seeds"] = [seed for seed, c in zip(seeds, crops) if c["mixed"]]  # for paired comparisons
     summary["majorities"] = [c.get("majority") for c in crops]
+    summary["disagreements"] = [c["disagreement"] for c in crops]
     return {"setting": name, "sync": sync, "seeds": seeds, "seconds_per_panorama": sum(seconds) / len(seconds),
             **summary}
 
@@ -130,11 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.settings.split(","):
         row = run_setting(args, name, table[name], Path(args.out_images))
+        if rows:  # seed by seed against the first setting (the same seeds)
+            row["disagreement_vs_first"] = paired_difference(row["disagreements"], rows[0]["disagreements"])
         rows.append(row)
         lo, hi = row["interval"]
+        d, dlo, dhi = row["disagreement"], *row["disagreement_interval"]
+        paired = row.get("disagreement_vs_first")
+        versus = f"  vs {rows[0]['setting']} {paired[0]:+.3f} [{paired[1]:+.3f}, {paired[2]:+.3f}]" if paired else ""
         print(f"{name:16s} mixed {row['mixed']}/{row['panoramas']} = {row['mixed_rate']:.2f} [{lo:.2f}, {hi:.2f}]  "
-              f"diversity {row['diversity']:.2f} {row['majority_counts']}  unsure {row['unsure_crops']:.2f}  "
-              f"{row['seconds_per_panorama']:.1f} s", flush=True)
+              f"disagreement {d:.3f} [{dlo:.3f}, {dhi:.3f}]{versus}  diversity {row['diversity']:.2f} "
+              f"{row['majority_counts']}  unsure {row['unsure_crops']:.2f}  {row['seconds_per_panorama']:.1f} s",
+              flush=True)
     out = Path(args.out) if args.out else RESULTS / f"{args.device.split(':')[0]}-coherence-toy.json"
     out.write_text(json.dumps({"rows": rows, "args": vars(args), "torch": torch.__version__}, indent=1) + "\n")
     print(f"wrote {out}")

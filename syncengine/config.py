@@ -58,7 +58,7 @@ class SyncConfig:
 
 @dataclass
 class SamplerConfig:
-    scheduler: str = "ddim"  # ddim, ddpm, euler, euler_a, dpm++, pndm, unipc, lms, heun, lcm, tcd, flow_euler, or a class
+    scheduler: str = "ddim"  # ddim, ddpm, euler, euler_a, dpm++, pndm, unipc, lms, heun, lcm, tcd, flow_euler; a class
     steps: int = 50
     guidance_scale: float = 7.5
     view_batch_size: int = 1  # views per UNet call

@@ -105,6 +105,22 @@ def test_two_look_panorama_is_mixed():
     assert shifted.unsure >= 1 and shifted.mixed
 
 
+def test_look_disagreement_closed_form_and_on_rendered_panoramas():
+    from syncengine.evaluation.looks import disagreement, mean_interval, paired_difference
+
+    one = torch.tensor([[1.0, 0, 0, 0]] * 6)
+    assert disagreement(one) == pytest.approx(0.0) and disagreement(one[:1]) == 0.0
+    halves = torch.tensor([[1.0, 0, 0, 0]] * 3 + [[0, 0, 1.0, 0]] * 3)
+    assert disagreement(halves) == pytest.approx(1 - 12 / 30)  # 12 of the 30 ordered pairs agree
+    uniform = torch.full((4, 4), 0.1)  # renormalised: each crop uniform over the 4 looks
+    assert disagreement(uniform) == pytest.approx(0.75)
+    coherent = panorama_looks(render_scene(21, "snow", 64, 384), 64)
+    mixed = panorama_looks(_stitched("day", "night"), 64)
+    assert coherent.disagreement < 0.05 and mixed.disagreement > 0.5
+    assert mean_interval([1.0, 3.0]) == pytest.approx((2.0, 2.0 - 1.96, 2.0 + 1.96))
+    assert paired_difference([2.0, 4.0, 6.0], [1.0, 3.0, 5.0]) == pytest.approx((1.0, 1.0, 1.0))
+
+
 def test_unsure_crops_are_left_out_of_the_decision():
     p = PanoramaLooks(["day", "night", "day"], [0.95, 0.3, 0.9], threshold=0.8)
     assert not p.mixed and p.unsure == 1 and p.majority == "day" and p.confident == ["day", "day"]
@@ -191,7 +207,7 @@ def test_cli_evaluate_with_the_looks_metric(tmp_path, capsys):
     assert runs["mixed"]["details"]["looks"]["majority_counts"]
     assert data["metrics"]["looks"]["lower_is_better"] is True
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert header[-4:] == ["looks", "looks_low", "looks_high", "look_diversity"]
+    assert header[-5:] == ["looks", "looks_low", "looks_high", "look_diversity", "look_disagreement"]
     assert main(["evaluate", str(a), "--metrics", "looks", "--look-threshold", "1.5", "--out", str(out)]) == 2
 
 

@@ -9,6 +9,12 @@ bound, and the share of unsure crops is reported beside it.
 Over a set of panoramas: the **mixed-look rate** with its 95% Wilson interval, and the **look diversity**: the
 distribution of each panorama's majority look and its entropy normalised to [0, 1] (1: the looks equally often,
 0: every seed the same look). Synchronization should lower the first without collapsing the second.
+
+The mixed-look rate is a yes/no per panorama, so telling two settings apart takes many seeds. The **look
+disagreement** uses every crop's full posterior instead: the probability that two different crops of one panorama,
+each labelled by drawing from its posterior over the looks, get different looks (0: every crop surely the same look;
+about 0.5 for a panorama half one look, half another). Its mean over seeds has a normal interval, and two settings
+run on the same seeds compare seed by seed (:func:`paired_difference`), which resolves much smaller effects.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from .crops import grid_crops
 
 CONFIDENT = 0.8  # default confidence threshold of a crop's look
 Classifier = Callable[[torch.Tensor], tuple[list[str], torch.Tensor]]
+Posterior = Callable[[torch.Tensor], torch.Tensor]  # images [N, 3, H, W] -> [N, looks]
 
 
 def toy_classifier() -> tuple[Classifier, tuple[str, ...]]:
@@ -36,6 +43,47 @@ def toy_classifier() -> tuple[Classifier, tuple[str, ...]]:
     return classify, LOOKS
 
 
+def toy_posterior() -> Posterior:
+    """The toy world's classifier's posterior over the looks (``[N, looks]``)."""
+    try:
+        from syncengine_toy.looks import default_classifier
+    except ImportError as exc:  # pragma: no cover - the package ships with syncengine
+        raise SyncEngineError(f"the looks metric needs the syncengine_toy package ({exc})") from None
+    return default_classifier().posterior
+
+
+def disagreement(posteriors: torch.Tensor) -> float:
+    """``1 - mean_{i != j} p_i . p_j`` over a panorama's crops ``[n, looks]`` (each renormalised to sum 1): the
+    chance that two different crops, labelled by drawing from their posteriors, differ. 0 for a single crop."""
+    n = posteriors.shape[0]
+    if n < 2:
+        return 0.0
+    p = posteriors.double() / posteriors.double().sum(1, keepdim=True).clamp_min(1e-12)
+    gram = p @ p.T
+    agree = (gram.sum() - gram.diagonal().sum()) / (n * (n - 1))
+    return float(1 - agree)
+
+
+def mean_interval(values: Sequence[float], z: float = 1.96) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean and its normal 95% interval (the spread of the values over sqrt(n))."""
+    n = len(values)
+    if n == 0:
+        return (0.0, 0.0, 0.0)
+    mean = sum(values) / n
+    if n < 2:
+        return (mean, mean, mean)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = z * sd / math.sqrt(n)
+    return (mean, mean - half, mean + half)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+    """``mean(a - b)`` seed by seed with its 95% interval: two settings run on the same seeds."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values need the same seeds: {len(a)} against {len(b)}")
+    return mean_interval([x - y for x, y in zip(a, b)])
+
+
 @dataclass
 class PanoramaLooks:
     """The looks of one panorama's crops, left to right, top to bottom."""
@@ -43,6 +91,7 @@ class PanoramaLooks:
     looks: list[str]
     confidence: list[float]
     threshold: float
+    disagreement: float | None = None  # see :func:`disagreement`; None without a posterior
 
     @property
     def confident(self) -> list[str]:
@@ -70,12 +119,16 @@ class PanoramaLooks:
 
 
 def panorama_looks(image: torch.Tensor, window: int, window_height: int | None = None,
-                   classifier: Classifier | None = None, threshold: float = CONFIDENT) -> PanoramaLooks:
-    """Classify the non-overlapping window-size crops of ``image`` ``[3, H, W]`` in [0, 1]."""
-    classify = classifier or toy_classifier()[0]
+                   classifier: Classifier | None = None, threshold: float = CONFIDENT,
+                   posterior: Posterior | None = None) -> PanoramaLooks:
+    """Classify the non-overlapping window-size crops of ``image`` ``[3, H, W]`` in [0, 1]; with ``posterior``
+    (the toy world's when the classifier is), also their look disagreement."""
+    if classifier is None:
+        classifier, posterior = toy_classifier()[0], posterior or toy_posterior()
     crops = grid_crops(image, window, window_height)
-    looks, conf = classify(crops)
-    return PanoramaLooks(list(looks), [float(c) for c in conf], threshold)
+    looks, conf = classifier(crops)
+    spread = disagreement(posterior(crops)) if posterior is not None else None
+    return PanoramaLooks(list(looks), [float(c) for c in conf], threshold, spread)
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -121,13 +174,27 @@ class LooksSummary:
     threshold: float
     per_panorama: list[PanoramaLooks] = field(default_factory=list)
 
+    @property
+    def disagreements(self) -> list[float]:
+        return [p.disagreement for p in self.per_panorama if p.disagreement is not None]
+
+    @property
+    def disagreement(self) -> tuple[float, float, float] | None:
+        """Mean look disagreement and its 95% interval; None without posteriors."""
+        values = self.disagreements
+        return mean_interval(values) if values else None
+
     def as_dict(self) -> dict:
+        spread = self.disagreement
         return {
             "panoramas": self.panoramas, "mixed": self.mixed, "mixed_rate": self.mixed_rate,
             "interval": list(self.interval), "majority_counts": self.majority_counts, "diversity": self.diversity,
             "unsure_crops": self.unsure_crops, "threshold": self.threshold,
+            **({"disagreement": spread[0], "disagreement_interval": list(spread[1:])} if spread else {}),
             "crops": [{"looks": p.looks, "confidence": [round(c, 4) for c in p.confidence], "mixed": p.mixed,
-                       "majority": p.majority} for p in self.per_panorama],
+                       "majority": p.majority,
+                       **({"disagreement": round(p.disagreement, 6)} if p.disagreement is not None else {})}
+                      for p in self.per_panorama],
         }
 
 
@@ -149,9 +216,11 @@ def evaluate_looks(images: Sequence[torch.Tensor], window: int, window_height: i
                    threshold: float = CONFIDENT) -> LooksSummary:
     """The looks metric of panoramas ``[3, H, W]`` in [0, 1] (for benchmarks; ``syncengine evaluate --metrics
     looks`` runs the same). ``classifier`` and ``looks`` default to the toy world's."""
+    posterior = None
     if classifier is None or looks is None:
         default_classify, default_looks = toy_classifier()
+        posterior = toy_posterior() if classifier is None else None
         classifier = classifier or default_classify
         looks = looks or default_looks
-    per = [panorama_looks(img, window, window_height, classifier, threshold) for img in images]
+    per = [panorama_looks(img, window, window_height, classifier, threshold, posterior) for img in images]
     return summarize(per, looks)

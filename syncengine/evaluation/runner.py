@@ -40,6 +40,7 @@ EXTRA_COLUMNS = {  # values reported beside a metric: key -> (the metric it foll
     "looks_low": ("looks", "mixed 95% low"),
     "looks_high": ("looks", "mixed 95% high"),
     "look_diversity": ("looks", "Look diversity"),
+    "look_disagreement": ("looks", "Look disagreement"),
 }
 
 
@@ -252,6 +253,8 @@ def evaluate_run(folder: str | Path, options: EvalOptions, models: _Models) -> R
                                       f"confidence (not toy-world images?); --metrics looks computes it anyway")
             values["looks_low"], values["looks_high"] = summary.interval
             values["look_diversity"] = summary.diversity
+            if summary.disagreement is not None:
+                values["look_disagreement"] = summary.disagreement[0]
             details["looks"] = summary.as_dict()
             return summary.mixed_rate, [float(p.mixed) for p in summary.per_panorama]
 
