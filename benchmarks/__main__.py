@@ -169,18 +169,20 @@ def shape_jobs(args, model: str, taesd: str) -> list[dict]:
     ]
 
 
-def preset_sections(name: str, model_steps: int) -> tuple[dict, dict]:
-    """A preset's sync and tiler options (from the file users run), ``until`` scaled to the benchmark's steps."""
+def preset_sections(name: str, model_steps: int) -> tuple[dict, dict, dict]:
+    """A preset's sync (its loss included), tiler and sync-decode options, from the file users run; ``until``
+    scaled to the benchmark's steps."""
     from omegaconf import OmegaConf
 
     from syncengine.config import compose
 
     cfg = OmegaConf.to_container(compose(name), resolve=True)
-    sync = {k: v for k, v in cfg["sync"].items() if k not in ("loss", "anchor")}
+    sync = {k: v for k, v in cfg["sync"].items() if k != "anchor"}
     if sync.get("until") is not None:
         sync["until"] = max(1, round(sync["until"] * model_steps / int(cfg["sampler"].get("steps", PRESET_STEPS))))
     tiler = {k: v for k, v in cfg["tiler"].items() if k not in ("window", "window_height")}
-    return sync, tiler
+    den = {k: v for k, v in cfg["denoiser"].items() if k.startswith("sync_") and k != "sync_vae"}
+    return sync, tiler, den
 
 
 def wide_jobs(args, model: str) -> list[dict]:
@@ -190,7 +192,7 @@ def wide_jobs(args, model: str) -> list[dict]:
     seeds = {"seeds": list(range(max(args.seeds, args.cheap_seeds)))}
     geometry = dict(height=w, width=6 * w, stride=w // 4)
     fast_sync, fast_den = fast_sections(args.steps, window=w)
-    preset_sync, preset_tiler = preset_sections("shifted-sync", args.steps)
+    preset_sync, preset_tiler, preset_den = preset_sections("shifted-sync", args.steps)
     shifted = {"name": "shifted", "window": w}
     return [
         base_job(args, model, kind="diffusers", name="diffusers", **{**geometry, "stride": w // 8}, **seeds),
@@ -200,7 +202,7 @@ def wide_jobs(args, model: str) -> list[dict]:
         base_job(args, model, name="fast", sync={**PAPER_SYNC, **fast_sync}, denoiser=fast_den, **geometry, **seeds),
         base_job(args, model, name="shifted-weight0", sync={"weight": 0.0}, tiler=shifted, **geometry, **seeds),
         base_job(args, model, name="shifted-paper", sync={**PAPER_SYNC, "batch_size": 1}, tiler=shifted, **geometry),
-        base_job(args, model, name="shifted-sync", sync={**PAPER_SYNC, **preset_sync},
+        base_job(args, model, name="shifted-sync", sync={**PAPER_SYNC, **preset_sync}, denoiser=preset_den,
                  tiler={**preset_tiler, "window": w}, **geometry, **seeds),
     ]
 

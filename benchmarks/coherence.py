@@ -28,7 +28,9 @@ PROMPT = "a landscape"
 
 def settings(steps: int) -> dict[str, dict[str, Any]]:
     """Settings by name: sync keys (weight, decay, every, until, resolution), plus ``tiler`` (sliding at
-    ``--stride``, or shifted: non-overlapping windows moved every step) and ``net`` (the LPIPS network).
+    ``--stride``, or shifted: non-overlapping windows moved every step), ``net`` (the LPIPS network), ``loss``
+    (``style``: the style loss on VGG's first two blocks instead of LPIPS) and ``decode_scale`` (the sync decode's
+    ``denoiser.sync_decode_scale``).
     ``paper``: w 20, decay 0.95, every step (the paper's). ``fast``: the fast preset's rule (the first tenth of the
     steps, at twice the weight), scaled to ``steps``."""
     tenth = max(1, round(steps / 10))
@@ -61,13 +63,19 @@ def spec(args, setting: dict[str, Any], seed: int, out: str) -> dict[str, Any]:
     sync = dict(setting)
     tiler = sync.pop("tiler", "sliding")
     net = sync.pop("net", "vgg")
+    denoiser = {"name": "stable-diffusion", "pretrained": args.model, "device": args.device}
+    if "decode_scale" in sync:  # the sync decode on x0 latents shrunk by this factor (denoiser.sync_decode_scale)
+        denoiser["sync_decode_scale"] = float(sync.pop("decode_scale"))
+    loss = {"name": "lpips", "net": net, "backbone": args.backbone}
+    if sync.pop("loss", "lpips") == "style":  # Gram matrices of VGG's first two blocks: colour and texture statistics
+        loss = {"name": "style", "layers": ["relu1_2", "relu2_2"], "backbone": args.backbone}
     geometry = {"window": args.window, "stride": args.stride} if tiler == "sliding" else {"window": args.window}
     return {
         "canvas": {"height": args.window, "width": args.width},
         "tiler": {"name": tiler, **geometry},
         "merger": {"name": "average"},
-        "denoiser": {"name": "stable-diffusion", "pretrained": args.model, "device": args.device},
-        "sync": {"loss": {"name": "lpips", "net": net, "backbone": args.backbone}, **sync},
+        "denoiser": denoiser,
+        "sync": {"loss": loss, **sync},
         "sampler": {"scheduler": "ddim", "steps": args.steps, "guidance_scale": args.guidance,
                     "view_batch_size": args.view_batch_size},
         "requests": [{"prompt": PROMPT, "seed": seed, "name": f"s{seed}"}],
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                                                               "offline), pretrained where torchvision has them")
     parser.add_argument("--settings", default="multidiffusion,paper,fast")
     parser.add_argument("--setting", action="append", default=[],
-                        metavar="NAME:weight=..,decay=..,until=..,resolution=..,tiler=shifted,net=alex",
+                        metavar="NAME:weight=..,decay=..,until=..,resolution=..,tiler=shifted,net=alex,loss=style",
                         help="an extra sync setting")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--save", action="store_true", help="save the panoramas (under --out-images)")

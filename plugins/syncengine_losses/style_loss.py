@@ -10,7 +10,7 @@ import torch
 from syncengine.errors import ConfigError
 from syncengine.sync_loss import SyncLoss
 
-from .backbones import RANDOM_NOTICE, vgg_features
+from .backbones import vgg_features
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +19,8 @@ VGG_LAYERS = {
     "vgg16": {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22, "relu5_3": 29},
     "vgg19": {"relu1_2": 3, "relu2_2": 8, "relu3_4": 17, "relu4_4": 26, "relu5_4": 35},
 }
+RANDOM_STYLE_NOTICE = ("RANDOM backbone weights (seeded): the Gram matrices of random features measure colour and "
+                       "texture statistics, not ImageNet's (the shifted-sync preset uses them on purpose)")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -52,8 +54,8 @@ class StyleLoss(SyncLoss):
             raise ConfigError("sync.loss.layers", f"{unknown or 'empty'}: choose from {', '.join(VGG_LAYERS[c.net])}")
         if c.backbone not in ("pretrained", "random"):
             raise ConfigError("sync.loss.backbone", f"{c.backbone!r} is not pretrained or random")
-        if c.backbone == "random":
-            log.warning("style/%s: %s", c.net, RANDOM_NOTICE)
+        if c.backbone == "random":  # Gram matrices of random features still carry colour and texture statistics
+            log.warning("style/%s: %s", c.net, RANDOM_STYLE_NOTICE)
         self.taps = sorted(VGG_LAYERS[c.net][name] for name in c.layers)
         self.vgg = vgg_features(c.net, random=c.backbone == "random")[: self.taps[-1] + 1]
         self.vgg.requires_grad_(False).eval()
