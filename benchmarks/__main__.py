@@ -38,7 +38,8 @@ PRESET_STEPS = 50  # the steps the fast preset's `until` is written for
 
 
 def fast_sections(model_steps: int, taesd: str | None = None, window: int = 512) -> tuple[dict, dict]:
-    """The fast preset's sync and denoiser options, read from configs/fast.yaml (the file users run).
+    """The fast preset's sync options (its loss included) and denoiser options, read from configs/fast.yaml (the
+    file users run).
 
     ``until`` counts steps, so it is scaled to the benchmark's step count (the same fraction of the run). A hub id in
     ``sync_vae`` (no weights here) becomes ``taesd``, the benchmark's TAESD-shaped decoder; ``taesd`` also adds it to
@@ -47,12 +48,10 @@ def fast_sections(model_steps: int, taesd: str | None = None, window: int = 512)
 
     from syncengine.config import compose
 
-    cfg = OmegaConf.to_container(compose("fast"), resolve=True)
-    sync = {k: v for k, v in cfg["sync"].items() if k not in ("loss", "anchor")}
-    if sync.get("until") is not None:
-        sync["until"] = max(1, round(sync["until"] * model_steps / int(cfg["sampler"].get("steps", PRESET_STEPS))))
+    sync, _, _ = preset_sections("fast", model_steps)
     if sync.get("resolution") and window != 512:  # written for 512 px windows: keep the same fraction of the window
         sync["resolution"] = max(16, round(sync["resolution"] * window / 512))
+    cfg = OmegaConf.to_container(compose("fast"), resolve=True)
     den = {k: v for k, v in cfg["denoiser"].items() if k.startswith("sync_") or k == "gradient_checkpointing"}
     if taesd is not None:
         den["sync_vae"] = taesd
@@ -365,6 +364,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sections", default=None,
                    help="comma-separated subset of speed,shape,wide,memory,decode,coherence "
                         "(shape, wide: not in the defaults)")
+    p.add_argument("--rows", default=None, help="comma-separated row names to run (default: every row of a section)")
     p.add_argument("--height", type=int, default=None, help="speed canvas height (default 256; --full 512)")
     p.add_argument("--width", type=int, default=None, help="speed canvas width (default 512; --full 2048)")
     p.add_argument("--window", type=int, default=None, help="window px (default 256; --full 512)")
@@ -433,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{section}]", file=sys.stderr, flush=True)
         out[section] = []
         jobs = builders[section]()
+        if args.rows:
+            jobs = [j for j in jobs if j["name"] in args.rows.split(",")]
         if section in ("speed", "shape", "wide"):
             def save(partial, section=section):
                 out[section] = partial
