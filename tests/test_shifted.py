@@ -193,3 +193,17 @@ def test_regions_on_shifted_windows_equal_the_shifted_panorama_for_one_covering_
     schedule = resolved.build("tiler").view_schedule(resolved.canvas, seed=0)
     assert schedule.moving and schedule.at(0)[0].context["region"] == 0
     assert torch.equal(Pipeline(resolved).run(0).latents, plain)
+
+
+def test_controlnet_condition_crops_follow_the_moving_windows():
+    """ControlNet conditions each view on its crop of the canvas-sized condition image; with shifted windows the
+    crop moves (and wraps) with the window at every step."""
+    from syncengine_controlnet.conditions import condition_crop
+
+    canvas = CanvasSpec(64, 256)
+    image = torch.arange(64 * 256, dtype=torch.float32).reshape(1, 64, 256).expand(3, 64, 256)
+    schedule = tiler(window=64, loop=True).view_schedule(canvas, seed=7)
+    for step in range(4):
+        for view in schedule.at(step):
+            cols = torch.arange(view.left * 8, view.left * 8 + 64) % 256
+            assert torch.equal(condition_crop(view, image, 8), image[:, :, cols])
