@@ -558,10 +558,11 @@ def validate(raw: DictConfig | dict) -> ResolvedSpec:
     if getattr(denoiser_cls.check_run, "__func__", None) is not Denoiser.check_run.__func__:  # views cost only then
         denoiser_cls.check_run(resolved, tiler.views(resolved.canvas))
     merger = resolved.build("merger")  # mergers check their options on construction; cheap
-    if merger.target == "x0":
-        from .sampler import check_x0_scheduler
+    from .sampler import check_moving_views, check_x0_scheduler
 
+    if merger.target == "x0":
         check_x0_scheduler(str(s.scheduler))
+    check_moving_views(tiler.view_schedule(resolved.canvas, 0), merger.target, y.anchor, y.weight > 0)
     return resolved
 
 

@@ -88,6 +88,19 @@ def check_x0_scheduler(scheduler: str) -> None:
                                                "cannot: use ddim (flow models: flow_euler) or merger.target xt")
 
 
+def check_moving_views(schedule: ViewSchedule, target: str, anchor: int | str, syncing: bool) -> None:
+    """The rules of views that move every step, for spec validation and for direct users of :class:`JointSampler`:
+    ``merger.target: x0`` keeps each view's own x_t from step to step, and a view index names no anchor."""
+    if not schedule.moving:
+        return
+    if target == "x0":
+        raise ConfigError("merger.target", "x0 keeps each view's own x_t from step to step; this tiler's views move "
+                                           "every step: use merger.target xt")
+    if syncing and (isinstance(anchor, int) or str(anchor).isdigit()):
+        raise ConfigError("sync.anchor", f"view index {anchor} names no view here: this tiler moves its views every "
+                                         "step; use center, first or last")
+
+
 def check_step_count(scheduler: Any, steps: int) -> None:
     """More steps than the model has trained timesteps (after the scheduler's offset) would index past its noise
     schedule deep inside diffusers; say so before sampling. Known only once the model's scheduler is loaded."""
@@ -293,9 +306,7 @@ class JointSampler:
         self.plan = views if isinstance(views, ViewSchedule) else FixedViews(views)
         if merger.target == "x0":
             check_x0_scheduler(options.scheduler)
-            if self.plan.moving:
-                raise ConfigError("merger.target", "x0 keeps each view's own x_t from step to step; this tiler's "
-                                                   "views move every step: use merger.target xt")
+        check_moving_views(self.plan, merger.target, options.anchor, sync_loss is not None)
         self.denoiser = denoiser
         self.views = self.plan.at(0)  # the first step's (all of them, for fixed views)
         self.merger = merger

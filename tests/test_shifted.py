@@ -207,3 +207,12 @@ def test_controlnet_condition_crops_follow_the_moving_windows():
         for view in schedule.at(step):
             cols = torch.arange(view.left * 8, view.left * 8 + 64) % 256
             assert torch.equal(condition_crop(view, image, 8), image[:, :, cols])
+
+
+@pytest.mark.parametrize("override, key", [({"merger": {"name": "average", "target": "x0"}}, "merger.target"),
+                                           ({"sync": {"weight": 5.0, "anchor": 1}}, "sync.anchor")])
+def test_spec_validation_refuses_what_moving_views_cannot_do(tiny_spec, override, key):
+    """Refused when the spec is validated, before any weights load."""
+    spec = shifted_spec(tiny_spec, {"window": 64}, **override)
+    with pytest.raises(ConfigError, match=key):
+        resolve(spec)
