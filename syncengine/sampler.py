@@ -319,8 +319,9 @@ class JointSampler:
         self.groups = self._sync_groups(self.views)  # the first step's
 
     def _sync_groups(self, views: Sequence[View]) -> dict[Any, tuple[View, list[View]]]:
-        """Sync group -> (its anchor, its views); none without a sync loss."""
-        if self.sync_loss is None:
+        """Sync group -> (its anchor, its views). Moving views without a sync loss need none (every step would
+        resolve anchors for nothing)."""
+        if self.sync_loss is None and self.plan.moving:
             return {}
         groups: dict[Any, list[View]] = {}
         for view in views:
