@@ -8,16 +8,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny kernels on a busy 2-core machine run several times faster on one thread (no spinning workers); both
-    sides of every comparison run under it. Import it into a test module to apply it there; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build_tiny_controlnet(sd_folder: Path, out: Path, seed: int) -> Path:
     """``ControlNetModel.from_unet`` of a saved pipeline's UNet (the tiny SD or SDXL), saved with ``save_pretrained``.
 

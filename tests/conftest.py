@@ -44,6 +44,17 @@ def torch_home(tmp_path_factory) -> Path:
     return home
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): the tiny models'
+    kernels are too small to share, and on a busy 2-core machine two OpenMP threads spin (a decode and its backward
+    took 1.6 s instead of 0.02 s). Both sides of every comparison in the module run under it; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def with_torch_home(torch_home, monkeypatch) -> Path:
     monkeypatch.setenv("TORCH_HOME", str(torch_home))

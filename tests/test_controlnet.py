@@ -11,7 +11,6 @@ import torch
 from _controlnet_helpers import (  # noqa: F401  (fixtures)
     controlnet_spec,
     coordinate_image,
-    one_thread,
     random_image,
     record_conditions,
     tiny_controlnet,
@@ -23,6 +22,8 @@ from _sdxl_helpers import tiny_sdxl  # noqa: F401  (fixture)
 from syncengine.config import resolve
 from syncengine.errors import SyncEngineError
 from syncengine.pipeline import Pipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pipeline(spec):

@@ -7,7 +7,6 @@ import torch
 from _controlnet_helpers import (  # noqa: F401  (fixtures)
     controlnet_spec,
     coordinate_image,
-    one_thread,
     random_image,
     tiny_controlnet,
 )
@@ -17,6 +16,8 @@ from syncengine.errors import ConfigError, ModelNotFoundError, SyncEngineError
 from syncengine.pipeline import Pipeline
 from syncengine.views import CropView
 from syncengine_controlnet.conditions import condition_crop, fit_to_canvas, load_image, to_tensor
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pil(tensor_hw3):

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from _controlnet_helpers import one_thread, random_image  # noqa: F401  (fixture)
+from _controlnet_helpers import random_image
 from _flux_helpers import T5_LENGTH, flux_spec, tiny_flux  # noqa: F401  (fixtures)
 from _sd3_helpers import SEQ, sd3_spec, tiny_sd3  # noqa: F401  (fixtures)
 
 from syncengine.config import resolve
 from syncengine.errors import ConfigError
 from syncengine.pipeline import Pipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT = "a photo of a mountain"
 

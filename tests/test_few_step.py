@@ -32,13 +32,7 @@ STOCHASTIC = {  # alias -> (model fixture, sampler settings, diffusers module th
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny kernels on a busy 2-core machine run faster on one thread; both sides of every comparison use it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _latents(spec: dict, collective: Collective | None = None) -> torch.Tensor:
@@ -215,15 +209,9 @@ def test_sync_runs_are_reproducible_and_equal_across_view_batch_sizes(tiny_spec,
 def test_window_sharding_with_lcm_and_sync_equals_one_process(tiny_lcm, tmp_path):
     """2 processes (gloo) sharding the windows of an LCM run with sync give the one-process latents within the
     measured one-ulp reordering tolerance (tests/test_sharding.py's harness): rank 1 draws the same step noise."""
-    from _tolerance import LastBitJitter
-    from omegaconf import OmegaConf
-    from test_sharding import assert_same_output, cli, saving_latents_too
+    from test_sharding import assert_same_output, sharded_and_one_process
 
-    from syncengine import lightning_module
-    from syncengine.api import generate
-
-    spec = tmp_path / "lcm.yaml"
-    OmegaConf.save(OmegaConf.create({
+    one, two, jitter = sharded_and_one_process({
         "canvas": {"height": 64, "width": 160},
         "tiler": {"name": "sliding", "window": 64, "stride": 32},
         "merger": {"name": "average"},
@@ -232,18 +220,7 @@ def test_window_sharding_with_lcm_and_sync_equals_one_process(tiny_lcm, tmp_path
         "sampler": {"scheduler": "lcm", "steps": 3, "guidance_scale": 4.0, "view_batch_size": 2},
         "requests": [{"prompt": PROMPT, "seed": 0, "name": "pano"}],
         "runtime": {"accelerator": "cpu", "devices": 1, "progress": False},
-    }), spec)
-    cache = str(tmp_path / "cache")
-    two, one, jitter = tmp_path / "two", tmp_path / "one", tmp_path / "jitter"
-    run = cli(cache, str(spec), "runtime.devices=2", "runtime.strategy=ddp", "runtime.shard=windows",
-              f"runtime.output_dir={two}", script=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SYNCENGINE_CACHE", cache)
-        mp.setattr(lightning_module, "write_result", saving_latents_too(lightning_module.write_result))
-        for out, collective in ((one, Collective), (jitter, LastBitJitter)):
-            mp.setattr(lightning_module, "Collective", collective)
-            assert generate(str(spec), [f"runtime.output_dir={out}"]).ok
+    }, tmp_path)
     meta = assert_same_output(one, two, jitter, "pano")
     assert meta["stats"]["owned_views"] == 2 and meta["stats"]["views"] == 4 and meta["stats"]["sync_steps"] == 3
     assert REORDER_ULPS == 8  # the rule of tests/_tolerance.py, shared with the other sharding tests

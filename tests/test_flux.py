@@ -344,16 +344,9 @@ def test_window_sharding_equals_one_process(tiny_flux, tmp_path):
     import json
     import os
 
-    from _tolerance import LastBitJitter
-    from omegaconf import OmegaConf
-    from test_sharding import assert_same_output, cli, saving_latents_too
+    from test_sharding import assert_same_output, sharded_and_one_process
 
-    from syncengine import lightning_module
-    from syncengine.api import generate
-    from syncengine.collective import Collective
-
-    spec = tmp_path / "flux.yaml"
-    OmegaConf.save(OmegaConf.create({
+    one, two, jitter = sharded_and_one_process({
         "canvas": {"height": 64, "width": 160},
         "tiler": {"name": "sliding", "window": 64, "stride": 32},
         "merger": {"name": "average"},
@@ -362,23 +355,7 @@ def test_window_sharding_equals_one_process(tiny_flux, tmp_path):
         "sampler": {"scheduler": "flow_euler", "steps": 4, "guidance_scale": 3.5, "view_batch_size": 2},
         "requests": [{"prompt": PROMPT, "seed": 0, "name": "pano"}],
         "runtime": {"accelerator": "cpu", "devices": 1, "progress": False},
-    }), spec)
-    cache = str(tmp_path / "cache")
-    two, one, jitter = tmp_path / "two", tmp_path / "one", tmp_path / "jitter"
-    run = cli(cache, str(spec), "runtime.devices=2", "runtime.strategy=ddp", "runtime.shard=windows",
-              f"runtime.output_dir={two}", script=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks run
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("SYNCENGINE_CACHE", cache)
-            mp.setattr(lightning_module, "write_result", saving_latents_too(lightning_module.write_result))
-            for out, collective in ((one, Collective), (jitter, LastBitJitter)):
-                mp.setattr(lightning_module, "Collective", collective)
-                assert generate(str(spec), [f"runtime.output_dir={out}"]).ok
-    finally:
-        torch.set_num_threads(threads)
+    }, tmp_path)
     meta = assert_same_output(one, two, jitter, "pano")
     assert meta["stats"]["owned_views"] == 2 and meta["stats"]["views"] == 4 and meta["stats"]["sync_views"] > 0
     assert json.loads((one / "pano.json").read_text())["model"]["guidance_embeds"] and os.path.exists(two / "pano.png")

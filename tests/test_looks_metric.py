@@ -21,13 +21,7 @@ from syncengine.evaluation.looks import (
 from syncengine_toy.looks import LookClassifier, classify, default_classifier
 from syncengine_toy.world import LOOKS, render_scene, sample_training_batch
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _blur(images: torch.Tensor, factor: int = 8) -> torch.Tensor:

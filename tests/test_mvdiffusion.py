@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from _controlnet_helpers import one_thread, random_image, record_conditions, tiny_controlnet  # noqa: F401
+from _controlnet_helpers import random_image, record_conditions, tiny_controlnet  # noqa: F401
 
 from syncengine.denoiser import NO_CONTEXT, Conditioning, Step
 from syncengine.errors import ConfigError, ModelNotFoundError
@@ -32,6 +32,8 @@ from syncengine_sd.denoiser import StableDiffusionConfig, StableDiffusionDenoise
 from syncengine_spherical import geometry
 from syncengine_spherical.tilers import PerspectiveConfig, PerspectiveTiler
 from syncengine_spherical.views import ProjectedView
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

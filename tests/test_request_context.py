@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _controlnet_helpers import one_thread, random_image, record_conditions, tiny_controlnet  # noqa: F401
+from _controlnet_helpers import random_image, record_conditions, tiny_controlnet  # noqa: F401
 
 from syncengine.denoiser import NO_CONTEXT, Conditioning, RequestContext, Step
 from syncengine.sampler import Request
@@ -16,6 +16,8 @@ from syncengine_controlnet.denoiser import (
     ControlNetUnit,
 )
 from syncengine_sd.denoiser import StableDiffusionDenoiser
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class LatentOffset(StableDiffusionDenoiser):

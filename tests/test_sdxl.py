@@ -22,14 +22,7 @@ from syncengine.sync import SyncSchedule
 ATOL, RTOL = 2e-5, 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's kernels are too small to share between threads: with two threads on a busy 2-core machine a
-    decode and its backward took 1.6 s instead of 0.02 s (spinning workers). Restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pipeline(model_dir):

@@ -165,6 +165,36 @@ def assert_same_output(one: Path, two: Path, jitter: Path, name: str) -> dict:
     return json.loads((two / f"{name}.json").read_text())
 
 
+def sharded_and_one_process(spec: dict, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A spec's requests with 2 processes sharding windows (the CLI, as users run it), then in this process plainly
+    and with every merged sum moved one ulp (one thread, as the ranks run): ``(one, two, jitter)`` output folders
+    for :func:`assert_same_output`. Other families' sharding tests use it with their own tiny models."""
+    from omegaconf import OmegaConf
+
+    from syncengine import lightning_module
+    from syncengine.api import generate
+
+    path = tmp_path / "spec.yaml"
+    OmegaConf.save(OmegaConf.create(spec), path)
+    cache = str(tmp_path / "cache")
+    one, two, jitter = tmp_path / "one", tmp_path / "two", tmp_path / "jitter"
+    run = cli(cache, str(path), "runtime.devices=2", "runtime.strategy=ddp", "runtime.shard=windows",
+              f"runtime.output_dir={two}", script=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("SYNCENGINE_CACHE", cache)
+            mp.setattr(lightning_module, "write_result", saving_latents_too(lightning_module.write_result))
+            for out, collective in ((one, Collective), (jitter, LastBitJitter)):
+                mp.setattr(lightning_module, "Collective", collective)
+                assert generate(str(path), [f"runtime.output_dir={out}"]).ok
+    finally:
+        torch.set_num_threads(threads)
+    return one, two, jitter
+
+
 def expected_collectives(meta: dict, channels: int = 4) -> dict:
     """docs/sharding.md, "Communication per step": one all-reduce of the merge weights (H*W fp32) per request (none
     when the views move every step: each rank sums every view's weights itself); one

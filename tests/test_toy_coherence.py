@@ -26,12 +26,7 @@ STYLE_SYNC = {"loss": {"name": "style", "net": "vgg16", "layers": ["relu1_2", "r
 MEASURED = {"weight0": 0.47, "sync": 0.0}  # mean look disagreement over SEEDS, measured on this setting
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def panoramas(sync: dict, tmp_path) -> list[torch.Tensor]:

@@ -19,13 +19,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "plugins" / "syncengine_toy" / "
 LIMIT_BYTES = 20 * 1024 * 1024
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny kernels on a busy 2-core machine run faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_shipped_files_match_their_checksums():

@@ -9,14 +9,7 @@ import torch
 from syncengine_toy import world as W
 from syncengine_toy.looks import classify
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: one thread is faster on the shared 2-core machine and leaves a core to the others."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_api_constants():
