@@ -20,7 +20,8 @@ VGG_LAYERS = {
     "vgg19": {"relu1_2": 3, "relu2_2": 8, "relu3_4": 17, "relu4_4": 26, "relu5_4": 35},
 }
 RANDOM_STYLE_NOTICE = ("RANDOM backbone weights (seeded): the Gram matrices of random features measure colour and "
-                       "texture statistics, not ImageNet's (the shifted-sync preset uses them on purpose)")
+                       "texture statistics, not ImageNet's (the fast, shifted-sync and demo presets use them on "
+                       "purpose)")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
