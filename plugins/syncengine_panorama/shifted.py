@@ -100,14 +100,15 @@ class ShiftedTiler(Tiler):
         self.validate(canvas)
         return shifted_windows(canvas, *self.window_latents(canvas), (0, 0), self.config.loop)
 
+    def windows_at(self, canvas: CanvasSpec, seed: int, step: int) -> list[CropView]:
+        """The grid of one step of a request with ``seed`` (what other tilers reuse: regions' ``windows: shifted``)."""
+        h, w = self.window_latents(canvas)
+        H, W = canvas.latent_height, canvas.latent_width
+        offset = step_shift(seed, step, h, w, H, W) if self.config.shift else (0, 0)
+        return shifted_windows(canvas, h, w, offset, self.config.loop)
+
     def view_schedule(self, canvas: CanvasSpec, seed: int) -> ViewSchedule:
         if not self.config.shift:
             return FixedViews(self.views(canvas))
         self.validate(canvas)
-        h, w = self.window_latents(canvas)
-
-        def at(step: int) -> list[CropView]:
-            offset = step_shift(seed, step, h, w, canvas.latent_height, canvas.latent_width)
-            return shifted_windows(canvas, h, w, offset, self.config.loop)
-
-        return MovingViews(at, canvas)
+        return MovingViews(lambda step: self.windows_at(canvas, seed, step), canvas)

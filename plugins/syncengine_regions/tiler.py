@@ -17,7 +17,7 @@ import torch
 from syncengine.errors import ConfigError
 from syncengine.view_schedule import MovingViews, ViewSchedule
 from syncengine.views import CanvasSpec, CropView, View
-from syncengine_panorama.shifted import ShiftedConfig, ShiftedTiler, shifted_windows, step_shift
+from syncengine_panorama.shifted import ShiftedConfig, ShiftedTiler
 from syncengine_panorama.sliding import SlidingConfig, SlidingTiler
 
 from .masks import MaskConfig, feather, hex_color, layout_colors, load_mask, parse_color, to_latents
@@ -151,8 +151,7 @@ class RegionsTiler(SlidingTiler):
 
     def validate(self, canvas: CanvasSpec) -> None:
         if self.config.windows == "shifted":  # the shifted tiler's rules: no stride
-            c = self.config
-            ShiftedTiler(ShiftedConfig(c.window, c.window_height, c.loop)).validate(canvas)
+            self.shifted.validate(canvas)
         else:
             super().validate(canvas)
         self.regions(canvas)
@@ -171,20 +170,20 @@ class RegionsTiler(SlidingTiler):
     def views(self, canvas: CanvasSpec) -> list[View]:
         return self.views_of(super().views(canvas), canvas)
 
+    @property
+    def shifted(self) -> ShiftedTiler:
+        """The shifted tiler with these windows, whose grids ``windows: shifted`` uses."""
+        c = self.config
+        return ShiftedTiler(ShiftedConfig(c.window, c.window_height, c.loop))
+
     def view_schedule(self, canvas: CanvasSpec, seed: int) -> ViewSchedule:
         """Sliding windows: the same views every step. Shifted windows (SpotDiffusion): each step's grid of
-        non-overlapping windows, offset as the ``shifted`` tiler's, each giving its background and region views."""
+        non-overlapping windows, as the ``shifted`` tiler's, each giving its background and region views."""
         if self.config.windows == "sliding":
             return super().view_schedule(canvas, seed)
         self.validate(canvas)
-        f = canvas.latent_factor
-        h, w = (self.config.window_height or self.config.window) // f, self.config.window // f
-
-        def at(step: int) -> list[View]:
-            shift = step_shift(seed, step, h, w, canvas.latent_height, canvas.latent_width)
-            return self.views_of(shifted_windows(canvas, h, w, shift, self.config.loop), canvas)
-
-        return MovingViews(at, canvas)
+        shifted = self.shifted
+        return MovingViews(lambda step: self.views_of(shifted.windows_at(canvas, seed, step), canvas), canvas)
 
     def views_of(self, windows: list[CropView], canvas: CanvasSpec) -> list[View]:
         """The background and region views of ``windows``: one per window and layer that has weight in it."""
